@@ -1,0 +1,143 @@
+"""What a trained tile classifier carries so inference can rebuild it and feed it the same tiles.
+
+A checkpoint is a plain dict that ``torch.load(weights_only=True)`` can read: ``state_dict``
+with keys ``model.<timm key>`` (as the LightningModule saves them) and, under :data:`SPEC_KEY`,
+the :class:`ModelSpec` as plain types. Lightning checkpoints and :func:`save_checkpoint` share
+this layout, so inference never needs to know which wrote the file.
+"""
+from __future__ import annotations
+
+import logging
+import os
+import pickle
+import tempfile
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from wsi_tiling import Resolution
+
+__all__ = ["SPEC_KEY", "CheckpointError", "ModelSpec", "save_checkpoint", "load_checkpoint", "load_inference_model"]
+
+SPEC_KEY = "pathology_spec"
+STATE_PREFIX = "model."
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+
+log = logging.getLogger(__name__)
+
+
+class CheckpointError(ValueError):
+    """A file that is not a readable pathology checkpoint; the message names the file."""
+
+
+@dataclass(frozen=True)
+class ModelSpec:
+    """Everything inference needs besides the weights: architecture, classes and preprocessing.
+
+    Attributes:
+        model_name: registered model name, e.g. ``efficientformer_l1``.
+        mhsa_blocks: output stride -> number of attention blocks at the end of that stage.
+        class_names: one name per output logit, in logit order.
+        img_size: model input edge in pixels (tiles are resized to it).
+        tile_size: tile edge in pixels as cut by the tiler, at ``resolution``.
+        resolution: the physical resolution tiles were cut at in training.
+        mean: per-channel normalisation mean, for RGB in [0, 1].
+        std: per-channel normalisation standard deviation.
+    """
+
+    model_name: str
+    mhsa_blocks: dict[int, int]
+    class_names: tuple[str, ...]
+    img_size: int
+    tile_size: int
+    resolution: Resolution
+    mean: tuple[float, float, float] = IMAGENET_MEAN
+    std: tuple[float, float, float] = IMAGENET_STD
+
+    @property
+    def num_classes(self) -> int:
+        return len(self.class_names)
+
+    def to_dict(self) -> dict[str, Any]:
+        """Plain types only, so the checkpoint loads with ``weights_only=True``."""
+        data = asdict(self)
+        data["mhsa_blocks"] = {int(k): int(v) for k, v in self.mhsa_blocks.items()}
+        data["class_names"] = list(self.class_names)
+        data["resolution"] = {"value": float(self.resolution.value), "unit": self.resolution.unit}
+        data["mean"], data["std"] = list(self.mean), list(self.std)
+        return data
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> ModelSpec:
+        return cls(
+            model_name=data["model_name"],
+            mhsa_blocks={int(k): int(v) for k, v in data["mhsa_blocks"].items()},
+            class_names=tuple(data["class_names"]),
+            img_size=int(data["img_size"]),
+            tile_size=int(data["tile_size"]),
+            resolution=Resolution(float(data["resolution"]["value"]), data["resolution"]["unit"]),
+            mean=tuple(data["mean"]),
+            std=tuple(data["std"]),
+        )
+
+
+def save_checkpoint(path: str | Path, model: nn.Module, spec: ModelSpec) -> Path:
+    """Writes ``model``'s weights and ``spec`` atomically (temporary file, then rename)."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    payload = {
+        "state_dict": {STATE_PREFIX + k: v.detach().cpu() for k, v in model.state_dict().items()},
+        SPEC_KEY: spec.to_dict(),
+    }
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    os.close(fd)
+    try:
+        torch.save(payload, tmp)
+        os.replace(tmp, path)
+    finally:
+        Path(tmp).unlink(missing_ok=True)
+    return path
+
+
+def load_checkpoint(path: str | Path) -> tuple[dict[str, torch.Tensor], ModelSpec]:
+    """Reads a checkpoint safely (never unpickles code) and returns (model state_dict, spec).
+
+    Raises:
+        CheckpointError: missing, truncated, unsafe or not written by this project.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise CheckpointError(f"{path}: checkpoint not found")
+    try:
+        ckpt = torch.load(path, map_location="cpu", weights_only=True)
+    except (pickle.UnpicklingError, RuntimeError, EOFError, OSError) as err:
+        first_line = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        raise CheckpointError(f"{path}: not a loadable checkpoint ({first_line})") from err
+    if not isinstance(ckpt, dict) or SPEC_KEY not in ckpt or "state_dict" not in ckpt:
+        raise CheckpointError(f"{path}: not a pathology tile-classifier checkpoint (no '{SPEC_KEY}')")
+    state = {k[len(STATE_PREFIX):]: v for k, v in ckpt["state_dict"].items() if k.startswith(STATE_PREFIX)}
+    return state, ModelSpec.from_dict(ckpt[SPEC_KEY])
+
+
+def load_inference_model(path: str | Path) -> tuple[nn.Module, ModelSpec]:
+    """Rebuilds the classifier a checkpoint describes, with its weights, in eval mode.
+
+    Raises:
+        CheckpointError: unreadable file, or weights that do not fit the recorded architecture.
+    """
+    from pathology.models import create_model  # the model package imports torch-heavy timm
+
+    state, spec = load_checkpoint(path)
+    model = create_model(spec.model_name, mhsa_blocks=spec.mhsa_blocks, num_classes=spec.num_classes,
+                         img_size=spec.img_size)
+    try:
+        model.load_state_dict(state, strict=True)
+    except RuntimeError as err:
+        raise CheckpointError(f"{path}: weights do not match {spec.model_name} "
+                              f"mhsa_blocks={spec.mhsa_blocks} ({str(err).splitlines()[0]})") from err
+    log.info("loaded %s from %s", spec.model_name, path)
+    return model.eval(), spec
