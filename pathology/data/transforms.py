@@ -1,0 +1,122 @@
+"""Tile augmentation and model preprocessing (albumentations), including HED stain jitter.
+
+Training and inference share :func:`eval_transform` (resize to the model input, the model's
+mean/std), so a checkpoint's spec is all inference needs to feed tiles exactly as in training.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import albumentations as A
+import numpy as np
+from albumentations.core.transforms_interface import BaseTransformInitSchema
+from albumentations.pytorch import ToTensorV2
+from pydantic import Field
+from skimage.color import hed_from_rgb, rgb_from_hed
+
+__all__ = ["hed_jitter", "HEDJitter", "AugmentConfig", "eval_transform", "train_transform"]
+
+MIN_TRANSMITTANCE = 1e-6  # floor before the log, so pure black has a finite optical density
+MAX_PIXEL = 255.0
+
+
+def hed_jitter(image: np.ndarray, alpha: np.ndarray, beta: np.ndarray) -> np.ndarray:
+    """Scales and shifts each stain's optical density (Tellez et al., 2018) and re-renders RGB.
+
+    RGB is turned into optical density OD = -ln(I / 255), projected onto haematoxylin, eosin and
+    DAB with Ruifrok & Johnston's matrix (scikit-image's ``hed_from_rgb``), each stain ``s``
+    becomes ``alpha * s + beta``, and the result is projected back. ``alpha = 1, beta = 0`` is the
+    identity (up to uint8 rounding).
+
+    Args:
+        image: (H, W, 3) uint8 RGB.
+        alpha: (3,) multiplicative factors for H, E, DAB.
+        beta: (3,) additive shifts for H, E, DAB, in optical-density units (natural log).
+
+    Returns:
+        (H, W, 3) uint8 RGB.
+    """
+    rgb = np.maximum(image.astype(np.float32) / MAX_PIXEL, MIN_TRANSMITTANCE)
+    stains = (-np.log(rgb)) @ hed_from_rgb.astype(np.float32)
+    stains = stains * np.asarray(alpha, np.float32) + np.asarray(beta, np.float32)
+    out = np.exp(-(stains @ rgb_from_hed.astype(np.float32))) * MAX_PIXEL
+    return np.clip(np.rint(out), 0, MAX_PIXEL).astype(np.uint8)
+
+
+class HEDJitter(A.ImageOnlyTransform):
+    """Random HED stain jitter: per tile, alpha ~ U(1 ± alpha_sigma), beta ~ U(± beta_sigma) per stain."""
+
+    class InitSchema(BaseTransformInitSchema):
+        alpha_sigma: float = Field(ge=0, le=1)
+        beta_sigma: float = Field(ge=0)
+
+    def __init__(self, alpha_sigma: float = 0.05, beta_sigma: float = 0.05, p: float = 0.5) -> None:
+        super().__init__(p=p)
+        self.alpha_sigma, self.beta_sigma = alpha_sigma, beta_sigma
+
+    def get_params(self) -> dict[str, Any]:
+        rng = self.random_generator
+        return {"alpha": rng.uniform(1 - self.alpha_sigma, 1 + self.alpha_sigma, 3),
+                "beta": rng.uniform(-self.beta_sigma, self.beta_sigma, 3)}
+
+    def apply(self, img: np.ndarray, alpha: np.ndarray, beta: np.ndarray, **params: Any) -> np.ndarray:
+        return hed_jitter(img, alpha, beta)
+
+    def get_transform_init_args_names(self) -> tuple[str, ...]:
+        return ("alpha_sigma", "beta_sigma")
+
+
+@dataclass
+class AugmentConfig:
+    """Training augmentation; each ``*_p`` is the probability that a tile gets that transform.
+
+    Attributes:
+        flip_p: horizontal and (independently) vertical flip.
+        rotate90_p: rotation by a random multiple of 90°.
+        hed_p: HED stain jitter with ``hed_alpha_sigma`` / ``hed_beta_sigma`` (OD units).
+        color_p: brightness/contrast/saturation/hue jitter of the given strengths.
+        blur_p: Gaussian blur of up to ``blur_sigma_max`` pixels (out-of-focus scans).
+        jpeg_p: JPEG re-compression at quality ``jpeg_quality_min`` to 100 (scanner artefacts).
+    """
+
+    flip_p: float = 0.5
+    rotate90_p: float = 0.5
+    hed_p: float = 0.5
+    hed_alpha_sigma: float = 0.05
+    hed_beta_sigma: float = 0.05
+    color_p: float = 0.5
+    brightness: float = 0.1
+    contrast: float = 0.1
+    saturation: float = 0.1
+    hue: float = 0.02
+    blur_p: float = 0.1
+    blur_sigma_max: float = 1.0
+    jpeg_p: float = 0.2
+    jpeg_quality_min: int = 70
+
+
+def _normalize(img_size: int, mean: tuple[float, ...], std: tuple[float, ...]) -> list[A.BasicTransform]:
+    return [A.Resize(img_size, img_size), A.Normalize(mean=mean, std=std, max_pixel_value=MAX_PIXEL), ToTensorV2()]
+
+
+def eval_transform(img_size: int, mean: tuple[float, ...], std: tuple[float, ...]) -> A.Compose:
+    """Resize to ``img_size`` px, scale to [0, 1], normalise with ``mean``/``std``, to a CHW tensor."""
+    return A.Compose(_normalize(img_size, mean, std))
+
+
+def train_transform(augment: AugmentConfig, img_size: int, mean: tuple[float, ...],
+                    std: tuple[float, ...]) -> A.Compose:
+    """Random augmentation (at the tile's own size, cheaper) followed by :func:`eval_transform`'s steps."""
+    cfg = augment
+    return A.Compose([
+        A.HorizontalFlip(p=cfg.flip_p),
+        A.VerticalFlip(p=cfg.flip_p),
+        A.RandomRotate90(p=cfg.rotate90_p),
+        HEDJitter(cfg.hed_alpha_sigma, cfg.hed_beta_sigma, p=cfg.hed_p),
+        A.ColorJitter(brightness=cfg.brightness, contrast=cfg.contrast, saturation=cfg.saturation, hue=cfg.hue,
+                      p=cfg.color_p),
+        A.GaussianBlur(sigma_limit=(0.1, cfg.blur_sigma_max), p=cfg.blur_p),
+        A.ImageCompression(quality_range=(cfg.jpeg_quality_min, 100), p=cfg.jpeg_p),
+        *_normalize(img_size, mean, std),
+    ])
