@@ -1,2 +1,25 @@
-"""Whole-slide tiling at true physical resolution (never imports torch)."""
+"""Whole-slide tiling at true physical resolution (never imports torch).
+
+The public API: :class:`Resolution`, :func:`tile_slide` (one slide, one setting, one TRIDENT-layout
+h5), :class:`TileReader` (the tiles of a store as arrays) and the typed errors.
+"""
 __version__ = "0.1.0"
+
+from .errors import (InvalidParameterError, MissingResolutionError, OutputError, ResolutionUnavailableError,
+                     SlideOpenError, SlideReadError, WsiTilingError)
+from .reader import InMemorySlide, SlideReader
+from .resolution import ReadPlan, Resolution, plan_read
+from .store import TileReader, read_attrs
+from .tiler import TilingResult, default_slide_id, setting_name, store_path, tile_slide
+from .tissue import TissueParams
+
+__all__ = [
+    "__version__",
+    "Resolution", "ReadPlan", "plan_read",
+    "SlideReader", "InMemorySlide",
+    "TissueParams",
+    "tile_slide", "TilingResult", "setting_name", "store_path", "default_slide_id",
+    "TileReader", "read_attrs",
+    "WsiTilingError", "SlideOpenError", "SlideReadError", "MissingResolutionError",
+    "ResolutionUnavailableError", "InvalidParameterError", "OutputError",
+]

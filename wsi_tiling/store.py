@@ -1,0 +1,185 @@
+"""The tile store: one TRIDENT-layout h5 per slide and setting, written atomically, and its reader.
+
+``coords`` (N × 2 int64, level-0 top-left x, y) carries CLAM's, TRIDENT's and our own attributes;
+``tissue_fraction`` (N) and, optionally, ``tiles`` (N × T × T × 3 uint8, one gzip chunk per tile).
+The file is written under a temporary name and renamed when complete, so a crash never leaves a
+file that looks finished.
+"""
+from __future__ import annotations
+
+import os
+import zlib
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from types import TracebackType
+from typing import Any, overload
+
+import h5py
+import numpy as np
+
+from .errors import OutputError
+from .reader import SlideReader
+from .regions import read_scaled
+
+__all__ = ["TileStoreWriter", "TileReader", "compress_tile", "read_attrs", "GZIP_LEVEL"]
+
+GZIP_LEVEL = 1  # fastest deflate: tiles are written once and read many times
+PARTIAL_SUFFIX = ".partial"
+
+
+def compress_tile(tile: np.ndarray) -> bytes:
+    """Deflates one (T, T, 3) uint8 tile as an h5 gzip chunk (thread-safe, releases the GIL)."""
+    return zlib.compress(np.ascontiguousarray(tile).tobytes(), GZIP_LEVEL)
+
+
+def _h5_value(value: Any) -> Any:
+    return "none" if value is None else value
+
+
+class TileStoreWriter:
+    """Writes one slide's tile store under a temporary name; renames it only on clean exit.
+
+    Args:
+        path: final ``.h5`` path.
+        coords: (N, 2) int64 level-0 top-left (x, y).
+        tissue_fraction: (N,) tissue fraction of each tile.
+        attrs: attributes for ``coords`` (None values are stored as ``"none"``).
+        tile_size: tile edge in pixels to create a ``tiles`` dataset, or None for coordinates only.
+
+    Raises:
+        OutputError: the folder cannot be created or the file cannot be written.
+    """
+
+    def __init__(self, path: str | Path, coords: np.ndarray, tissue_fraction: np.ndarray,
+                 attrs: Mapping[str, Any], tile_size: int | None = None) -> None:
+        self.path = Path(path)
+        self._partial = self.path.with_name(f"{self.path.name}.{os.getpid()}{PARTIAL_SUFFIX}")
+        self._coords = np.asarray(coords, np.int64).reshape(-1, 2)
+        self._fraction = np.asarray(tissue_fraction, np.float32)
+        self._attrs = dict(attrs)
+        self._tile_size = tile_size
+        self._file: h5py.File | None = None
+        self._tiles: h5py.Dataset | None = None
+
+    def __enter__(self) -> TileStoreWriter:
+        try:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            self._file = h5py.File(self._partial, "w")
+        except OSError as error:
+            raise OutputError(self.path.parent, f"cannot write tile store ({error.strerror or error})") from error
+        coords = self._file.create_dataset("coords", data=self._coords)
+        for key, value in self._attrs.items():
+            coords.attrs[key] = _h5_value(value)
+        self._file.create_dataset("tissue_fraction", data=self._fraction)
+        if self._tile_size is not None:
+            size = self._tile_size
+            self._tiles = self._file.create_dataset(
+                "tiles", shape=(len(self._coords), size, size, 3), dtype=np.uint8,
+                chunks=(1, size, size, 3), compression="gzip", compression_opts=GZIP_LEVEL)
+        return self
+
+    def write_compressed(self, index: int, chunk: bytes) -> None:
+        """Stores tile ``index`` from :func:`compress_tile` output (no re-compression)."""
+        if self._tiles is None:
+            raise ValueError(f"{self.path}: opened without a tiles dataset")
+        self._tiles.id.write_direct_chunk((index, 0, 0, 0), chunk)
+
+    def __exit__(self, kind: type[BaseException] | None, error: BaseException | None,
+                 trace: TracebackType | None) -> None:
+        if self._file is not None:
+            self._file.close()
+        if kind is None:
+            os.replace(self._partial, self.path)
+        else:
+            self._partial.unlink(missing_ok=True)
+
+
+def read_attrs(h5_path: str | Path) -> dict[str, Any]:
+    """The ``coords`` attributes of a tile store, as Python values."""
+    with h5py.File(h5_path, "r") as file:
+        return {key: _python_value(value) for key, value in file["coords"].attrs.items()}
+
+
+def _python_value(value: Any) -> Any:
+    if isinstance(value, bytes):
+        return value.decode()
+    if isinstance(value, np.ndarray):
+        return value.tolist()
+    return value.item() if isinstance(value, np.generic) else value
+
+
+class TileReader(Sequence[np.ndarray]):
+    """The tiles of one store as a sequence of (T, T, 3) uint8 RGB arrays.
+
+    Tiles come from the stored ``tiles`` dataset when present, else are read from the slide at
+    the recorded level and resized by the recorded factor, exactly as the tiler did. Handles are
+    opened lazily in the process that reads, so the object pickles into DataLoader workers
+    (fork or spawn).
+
+    Args:
+        h5_path: a tile store written by :func:`~wsi_tiling.tiler.tile_slide`.
+        slide_path: the slide, when it moved since tiling (default: the path recorded in the store).
+    """
+
+    def __init__(self, h5_path: str | Path, slide_path: str | Path | None = None) -> None:
+        self.h5_path = Path(h5_path)
+        with h5py.File(self.h5_path, "r") as file:
+            self.coords: np.ndarray = file["coords"][:]
+            self.tissue_fraction: np.ndarray = file["tissue_fraction"][:]
+            self.has_tiles = "tiles" in file
+        self.attrs: dict[str, Any] = read_attrs(self.h5_path)
+        self.slide_path = Path(slide_path if slide_path is not None else self.attrs["slide_path"])
+        self.tile_size = int(self.attrs["patch_size"])
+        self._read_size = int(self.attrs["patch_size_read_level"])
+        self._handles: tuple[int, h5py.File | None, SlideReader | None] | None = None
+
+    def __len__(self) -> int:
+        return len(self.coords)
+
+    @overload
+    def __getitem__(self, index: int) -> np.ndarray: ...
+    @overload
+    def __getitem__(self, index: slice) -> list[np.ndarray]: ...
+
+    def __getitem__(self, index: int | slice) -> np.ndarray | list[np.ndarray]:
+        if isinstance(index, slice):
+            return [self[i] for i in range(*index.indices(len(self)))]
+        if not -len(self) <= index < len(self):
+            raise IndexError(f"{self.h5_path}: tile {index} out of range ({len(self)} tiles)")
+        index %= len(self)
+        h5, slide = self._open()
+        if h5 is not None:
+            return h5["tiles"][index]
+        x, y = self.coords[index]
+        size = self.tile_size
+        return read_scaled(slide, (int(x), int(y)), int(self.attrs["read_level"]),
+                           (self._read_size, self._read_size), (size, size))
+
+    def _open(self) -> tuple[h5py.File | None, SlideReader | None]:
+        """Opens the h5 or slide handle once per process (a forked worker reopens its own)."""
+        if self._handles is None or self._handles[0] != os.getpid():
+            if self.has_tiles:
+                self._handles = (os.getpid(), h5py.File(self.h5_path, "r"), None)
+            else:
+                self._handles = (os.getpid(), None, SlideReader(self.slide_path))
+        return self._handles[1], self._handles[2]
+
+    def close(self) -> None:
+        """Closes handles opened by this process."""
+        if self._handles is not None and self._handles[0] == os.getpid():
+            for handle in self._handles[1:]:
+                if handle is not None:
+                    handle.close()
+        self._handles = None
+
+    def __getstate__(self) -> dict[str, Any]:
+        state = self.__dict__.copy()
+        state["_handles"] = None
+        return state
+
+    def __enter__(self) -> TileReader:
+        return self
+
+    def __exit__(self, kind: type[BaseException] | None, error: BaseException | None,
+                 trace: TracebackType | None) -> None:
+        self.close()
