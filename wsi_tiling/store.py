@@ -67,16 +67,24 @@ class TileStoreWriter:
             self._file = h5py.File(self._partial, "w")
         except OSError as error:
             raise OutputError(self.path.parent, f"cannot write tile store ({error.strerror or error})") from error
-        coords = self._file.create_dataset("coords", data=self._coords)
+        try:
+            self._create_datasets(self._file)
+        except (OSError, ValueError):
+            self._file.close()
+            self._partial.unlink(missing_ok=True)
+            raise
+        return self
+
+    def _create_datasets(self, file: h5py.File) -> None:
+        coords = file.create_dataset("coords", data=self._coords)
         for key, value in self._attrs.items():
             coords.attrs[key] = _h5_value(value)
-        self._file.create_dataset("tissue_fraction", data=self._fraction)
+        file.create_dataset("tissue_fraction", data=self._fraction)
         if self._tile_size is not None:
             size = self._tile_size
-            self._tiles = self._file.create_dataset(
-                "tiles", shape=(len(self._coords), size, size, 3), dtype=np.uint8,
-                chunks=(1, size, size, 3), compression="gzip", compression_opts=GZIP_LEVEL)
-        return self
+            self._tiles = file.create_dataset(
+                "tiles", shape=(len(self._coords), size, size, 3), maxshape=(None, size, size, 3),
+                dtype=np.uint8, chunks=(1, size, size, 3), compression="gzip", compression_opts=GZIP_LEVEL)
 
     def write_compressed(self, index: int, chunk: bytes) -> None:
         """Stores tile ``index`` from :func:`compress_tile` output (no re-compression)."""
