@@ -1,0 +1,176 @@
+"""The LightningModule of a tile classifier: an EfficientFormer, its loss, optimiser and metrics.
+
+It holds no paths, batch sizes or files (those belong to the DataModule). Its checkpoint carries
+:class:`pathology.checkpoint.ModelSpec` under ``SPEC_KEY`` and only plain-typed hyper-parameters,
+so inference reads it with ``torch.load(weights_only=True)``.
+"""
+from __future__ import annotations
+
+import math
+
+import lightning as L
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from pathology.checkpoint import SPEC_KEY, ModelSpec
+from pathology.models import create_model
+from pathology.training.metrics import classification_metrics
+from wsi_tiling import Resolution
+
+__all__ = ["TileClassifier", "NonFiniteLossError", "warmup_cosine"]
+
+HEAD_PREFIX = "head"  # timm names the classifier heads head / head_dist
+
+
+class NonFiniteLossError(FloatingPointError):
+    """The training loss became NaN or infinite; training stops before any checkpoint is written."""
+
+
+def warmup_cosine(step: int, warmup_steps: int, total_steps: int) -> float:
+    """Learning-rate factor: linear warm-up to 1 over ``warmup_steps``, then cosine decay to 0 at ``total_steps``."""
+    if step < warmup_steps:
+        return (step + 1) / warmup_steps
+    progress = min(1.0, (step - warmup_steps) / max(1, total_steps - warmup_steps))
+    return 0.5 * (1.0 + math.cos(math.pi * progress))
+
+
+class TileClassifier(L.LightningModule):
+    """Cross-entropy fine-tuning of an EfficientFormer on labelled tiles, with epoch-level metrics."""
+
+    def __init__(
+        self,
+        class_names: list[str],
+        tile_size: int,
+        resolution: str,
+        model_name: str = "efficientformer_l1",
+        mhsa_blocks: dict[int, int] | None = None,
+        img_size: int = 224,
+        pretrained: str | None = None,
+        drop_path_rate: float = 0.0,
+        lr: float = 1e-3,
+        backbone_lr_scale: float = 1.0,
+        weight_decay: float = 0.05,
+        warmup_fraction: float = 0.05,
+        label_smoothing: float = 0.0,
+        class_weights: list[float] | None = None,
+        balanced_loss: bool = False,
+    ) -> None:
+        """Args:
+            class_names: class names in logit order (linked from the data).
+            tile_size: tile edge in pixels as cut (linked from the data; recorded for inference).
+            resolution: what tiles were cut at, ``"10x"`` or ``"0.50mpp"`` (linked from the data).
+            model_name: a registered EfficientFormer variant.
+            mhsa_blocks: {output stride: MHSA blocks}; None keeps the variant's default.
+            img_size: model input edge in pixels (a multiple of 32).
+            pretrained: weights file (or hub name) for the backbone; None trains from scratch.
+            drop_path_rate: stochastic depth rate.
+            lr: peak AdamW learning rate of the head.
+            backbone_lr_scale: backbone learning rate as a fraction of ``lr``; 0 freezes the backbone.
+            weight_decay: AdamW weight decay of weight matrices (not of biases and norms).
+            warmup_fraction: share of all training steps spent warming the learning rate up.
+            label_smoothing: cross-entropy label smoothing.
+            class_weights: per-class loss weights; None for equal weights.
+            balanced_loss: weight the loss by inverse class frequency of the training split instead.
+        """
+        super().__init__()
+        self.save_hyperparameters()
+        self.resolution = Resolution.parse(resolution)
+        self.model = create_model(model_name, mhsa_blocks=mhsa_blocks, num_classes=len(class_names),
+                                  img_size=img_size, pretrained=pretrained, drop_path_rate=drop_path_rate)
+        weights = None if class_weights is None else torch.tensor(class_weights, dtype=torch.float32)
+        self.register_buffer("loss_weights", weights, persistent=False)
+        self._outputs: list[tuple[torch.Tensor, torch.Tensor]] = []
+
+    @property
+    def normalization(self) -> tuple[tuple[float, ...], tuple[float, ...]]:
+        """(mean, std) the model expects for RGB in [0, 1] (linked to the data's ``normalization``)."""
+        cfg = self.model.pretrained_cfg
+        return tuple(cfg["mean"]), tuple(cfg["std"])
+
+    @property
+    def spec(self) -> ModelSpec:
+        """What inference needs to rebuild this model and feed it tiles as in training."""
+        hp = self.hparams
+        mean, std = self.normalization
+        return ModelSpec(hp.model_name, dict(self.model.mhsa_blocks), tuple(hp.class_names), hp.img_size,
+                         hp.tile_size, self.resolution, mean, std)
+
+    def setup(self, stage: str) -> None:
+        """Sets inverse-frequency loss weights from the training split when ``balanced_loss``."""
+        datamodule = getattr(self.trainer, "datamodule", None)
+        if stage == "fit" and self.hparams.balanced_loss and datamodule is not None:
+            counts = np.maximum(datamodule.class_counts("train"), 1).astype(np.float32)
+            self.loss_weights = torch.from_numpy(counts.sum() / (len(counts) * counts)).to(self.device)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.model(x)
+
+    def _loss(self, logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        return F.cross_entropy(logits, labels, weight=self.loss_weights, label_smoothing=self.hparams.label_smoothing)
+
+    def training_step(self, batch: tuple[torch.Tensor, torch.Tensor], batch_idx: int) -> torch.Tensor:
+        images, labels = batch
+        loss = self._loss(self(images), labels)
+        if not torch.isfinite(loss):
+            raise NonFiniteLossError(f"training loss is {loss.item()} at step {self.global_step} (epoch "
+                                     f"{self.current_epoch}); lower the learning rate or check the tiles")
+        self.log("train/loss", loss, prog_bar=True, on_step=True, on_epoch=True, batch_size=len(labels))
+        return loss
+
+    def _eval_step(self, batch: tuple[torch.Tensor, torch.Tensor], stage: str) -> None:
+        images, labels = batch
+        logits = self(images)
+        self.log(f"{stage}/loss", self._loss(logits, labels), on_epoch=True, sync_dist=True, batch_size=len(labels))
+        self._outputs.append((logits.softmax(dim=1).detach(), labels.detach()))
+
+    def validation_step(self, batch: tuple[torch.Tensor, torch.Tensor], batch_idx: int) -> None:
+        self._eval_step(batch, "val")
+
+    def test_step(self, batch: tuple[torch.Tensor, torch.Tensor], batch_idx: int) -> None:
+        self._eval_step(batch, "test")
+
+    def _log_epoch_metrics(self, stage: str) -> None:
+        """Gathers every process's predictions and logs scikit-learn metrics of the whole epoch."""
+        if not self._outputs:
+            return
+        probs = torch.cat([p for p, _ in self._outputs])
+        labels = torch.cat([y for _, y in self._outputs])
+        self._outputs.clear()
+        if self.trainer.world_size > 1:
+            probs = self.all_gather(probs).reshape(-1, probs.shape[1])
+            labels = self.all_gather(labels).reshape(-1)
+        metrics = classification_metrics(labels.cpu().numpy(), probs.float().cpu().numpy())
+        self.log_dict({f"{stage}/{k}": v for k, v in metrics.items()}, sync_dist=True)
+
+    def on_validation_epoch_end(self) -> None:
+        self._log_epoch_metrics("val")
+
+    def on_test_epoch_end(self) -> None:
+        self._log_epoch_metrics("test")
+
+    def _param_groups(self) -> list[dict]:
+        """AdamW groups: backbone at ``lr * backbone_lr_scale`` (frozen at 0) and head at ``lr``;
+        weight decay on matrices only."""
+        hp = self.hparams
+        groups: dict[tuple[bool, bool], list[nn.Parameter]] = {}
+        for name, param in self.model.named_parameters():
+            is_head = name.startswith(HEAD_PREFIX)
+            if not is_head and hp.backbone_lr_scale == 0:
+                param.requires_grad_(False)
+                continue
+            groups.setdefault((is_head, param.ndim > 1), []).append(param)
+        return [{"params": params, "lr": hp.lr * (1.0 if is_head else hp.backbone_lr_scale),
+                 "weight_decay": hp.weight_decay if decay else 0.0}
+                for (is_head, decay), params in groups.items()]
+
+    def configure_optimizers(self) -> dict:
+        optimizer = torch.optim.AdamW(self._param_groups())
+        total = max(1, int(self.trainer.estimated_stepping_batches))
+        warmup = max(1, round(self.hparams.warmup_fraction * total))
+        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: warmup_cosine(step, warmup, total))
+        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
+
+    def on_save_checkpoint(self, checkpoint: dict) -> None:
+        checkpoint[SPEC_KEY] = self.spec.to_dict()
