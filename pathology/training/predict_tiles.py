@@ -1,0 +1,91 @@
+"""``pathology predict-tiles``: per-class probabilities for a folder or CSV of tile images.
+
+Preprocessing (input size, mean/std) comes from the checkpoint's spec, exactly as in training.
+Labels are known when the folder has one sub-folder per class of the checkpoint, or the CSV has a
+``label`` column; then ``label`` is written and the metrics are printed.
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import torch
+from torch.utils.data import DataLoader
+from tqdm import tqdm
+
+from pathology.checkpoint import CheckpointError, ModelSpec, load_inference_model
+from pathology.data import ImageCsvSource, ImageFolderSource, TileDataError, TileDataset, eval_transform
+from pathology.training.metrics import classification_metrics
+
+__all__ = ["predict_tiles", "main"]
+
+
+@torch.inference_mode()
+def predict_tiles(model: torch.nn.Module, spec: ModelSpec, table: pd.DataFrame, *, batch_size: int = 64,
+                  num_workers: int = 0, progress: bool = False) -> np.ndarray:
+    """(N, C) softmax probabilities for the tiles of a tile table, in table order.
+
+    Raises:
+        CorruptTileError: a tile image cannot be decoded (names the file).
+    """
+    dataset = TileDataset(table, eval_transform(spec.img_size, spec.mean, spec.std))
+    loader = DataLoader(dataset, batch_size=batch_size, num_workers=num_workers)
+    device = next(model.parameters()).device
+    probs = [model(images.to(device)).softmax(dim=1).cpu() for images, _ in tqdm(loader, disable=not progress)]
+    return torch.cat(probs).numpy()
+
+
+def _table(tiles: Path, class_names: list[str], image_root: Path | None, path_column: str) -> pd.DataFrame:
+    if tiles.is_dir():
+        return ImageFolderSource(tiles, patient_pattern=None).table(class_names)
+    return ImageCsvSource(tiles, image_root, path_column=path_column).table(class_names)
+
+
+def _write_csv(df: pd.DataFrame, path: Path) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp")
+    df.to_csv(tmp, index=False)
+    os.replace(tmp, path)
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="pathology predict-tiles", description=__doc__.splitlines()[0])
+    parser.add_argument("--checkpoint", type=Path, required=True, help="trained tile classifier (.ckpt)")
+    parser.add_argument("--tiles", type=Path, required=True, help="folder of tiles (class sub-folders) or CSV")
+    parser.add_argument("--out", type=Path, required=True, help="output CSV: path, label, pred, prob_<class>")
+    parser.add_argument("--image-root", type=Path, default=None, help="folder CSV paths are relative to")
+    parser.add_argument("--path-column", default="path", help="CSV column holding image paths")
+    parser.add_argument("--batch-size", type=int, default=64)
+    parser.add_argument("--num-workers", type=int, default=0)
+    return parser
+
+
+def main(argv: list[str]) -> int:
+    """Entry point of ``pathology predict-tiles``; exits 1 with a one-line reason on bad input."""
+    args = _parser().parse_args(argv)
+    try:
+        model, spec = load_inference_model(args.checkpoint)
+        table = _table(args.tiles, list(spec.class_names), args.image_root, args.path_column)
+        probs = predict_tiles(model, spec, table, batch_size=args.batch_size, num_workers=args.num_workers,
+                              progress=True)
+    except (CheckpointError, TileDataError) as err:
+        print(f"pathology predict-tiles: {err}", file=sys.stderr)
+        return 1
+    names = np.array(spec.class_names)
+    labels = table["label"].to_numpy()
+    out = pd.DataFrame({"path": table["path"], "label": np.where(labels >= 0, names[np.maximum(labels, 0)], ""),
+                        "pred": names[probs.argmax(axis=1)]})
+    out[[f"prob_{name}" for name in names]] = probs
+    _write_csv(out, args.out)
+    print(f"{len(out)} tiles -> {args.out}")
+    known = labels >= 0
+    if known.any():
+        metrics = classification_metrics(labels[known], probs[known])
+        print(f"labelled tiles: {int(known.sum())}")
+        for key in ("balanced_accuracy", "f1", "auroc", "accuracy"):
+            print(f"{key}: {metrics[key]:.4f}")
+    return 0
