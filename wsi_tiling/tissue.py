@@ -55,11 +55,10 @@ def tissue_mask(rgb: np.ndarray, mpp: float, params: TissueParams = TissueParams
         (H, W) bool, True on tissue.
     """
     saturation = cv2.cvtColor(np.ascontiguousarray(rgb), cv2.COLOR_RGB2HSV)[..., 1]
-    saturation = cv2.medianBlur(saturation, 3)
     otsu, _ = cv2.threshold(saturation, 0, 255, cv2.THRESH_BINARY + cv2.THRESH_OTSU)
     mask = saturation > max(otsu, params.min_saturation)
     pixel_um2 = mpp * mpp
-    diameter = max(1, round(params.close_um / mpp))
+    diameter = 2 * round(params.close_um / mpp / 2) + 1  # odd, so the closing does not shift the mask
     if diameter > 1:
         kernel = cv2.getStructuringElement(cv2.MORPH_ELLIPSE, (diameter, diameter))
         mask = cv2.morphologyEx(mask.astype(np.uint8), cv2.MORPH_CLOSE, kernel).astype(bool)

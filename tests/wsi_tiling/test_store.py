@@ -1,0 +1,61 @@
+"""Atomic tile-store writing and the picklable TileReader."""
+from __future__ import annotations
+
+import multiprocessing
+import pickle
+from concurrent.futures import ProcessPoolExecutor
+from pathlib import Path
+
+import h5py
+import numpy as np
+import pytest
+
+from wsi_tiling import TileReader
+from wsi_tiling.store import TileStoreWriter, compress_tile
+
+ATTRS = {"patch_size": 4, "patch_size_read_level": 4, "read_level": 0, "slide_path": "nowhere.svs",
+         "slide_mpp": None}
+
+
+def _write(path: Path, tiles: np.ndarray) -> None:
+    coords = np.arange(len(tiles) * 2).reshape(-1, 2) * 4
+    with TileStoreWriter(path, coords, np.linspace(0.5, 1, len(tiles)), ATTRS, tile_size=4) as writer:
+        for index, tile in enumerate(tiles):
+            writer.write_compressed(index, compress_tile(tile))
+
+
+def _tile_sum(reader: TileReader) -> int:
+    return int(sum(int(tile.sum()) for tile in reader))
+
+
+def test_store_round_trips_tiles_and_attrs(tmp_path: Path, rng: np.random.Generator) -> None:
+    tiles = rng.integers(0, 256, (3, 4, 4, 3), dtype=np.uint8)
+    _write(tmp_path / "a.h5", tiles)
+    reader = TileReader(tmp_path / "a.h5")
+    assert len(reader) == 3
+    assert all((reader[i] == tiles[i]).all() for i in range(3))
+    assert (reader[-1] == tiles[2]).all()
+    assert reader.coords.tolist() == [[0, 4], [8, 12], [16, 20]]
+    assert reader.attrs["slide_mpp"] == "none" and reader.attrs["patch_size"] == 4
+    with h5py.File(tmp_path / "a.h5") as file:
+        assert file["tiles"].chunks == (1, 4, 4, 3) and file["tiles"].compression == "gzip"
+    with pytest.raises(IndexError, match="a.h5"):
+        reader[3]
+
+
+def test_failed_write_leaves_no_file(tmp_path: Path) -> None:
+    with pytest.raises(RuntimeError):
+        with TileStoreWriter(tmp_path / "b.h5", np.zeros((2, 2)), np.zeros(2), ATTRS, tile_size=4):
+            raise RuntimeError("crash mid-write")
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_reader_pickles_and_reads_in_a_spawned_process(tmp_path: Path, rng: np.random.Generator) -> None:
+    tiles = rng.integers(0, 256, (5, 4, 4, 3), dtype=np.uint8)
+    _write(tmp_path / "c.h5", tiles)
+    reader = TileReader(tmp_path / "c.h5")
+    reader[0]  # opens a handle in this process; pickling must drop it
+    clone = pickle.loads(pickle.dumps(reader))
+    assert (clone[4] == tiles[4]).all()
+    with ProcessPoolExecutor(1, mp_context=multiprocessing.get_context("spawn")) as pool:
+        assert pool.submit(_tile_sum, reader).result() == int(tiles.astype(np.int64).sum())
