@@ -1,0 +1,85 @@
+"""Per-slide files of an inference run: the tile-prediction h5, heatmaps, GeoJSON and galleries."""
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+import h5py
+import numpy as np
+
+from pathology.checkpoint import ModelSpec
+from pathology.inference.geojson import write_geojson
+from pathology.inference.heatmap import save_gallery, save_heatmap, slide_thumbnail, tile_value_map
+from pathology.inference.results import atomic_path
+from wsi_tiling import TileReader
+from wsi_tiling.inputs import SlideJob
+
+__all__ = ["Extras", "write_extras", "write_slide_predictions"]
+
+# Attributes of the tile store copied into the prediction file: what was asked and delivered.
+_STORE_ATTRS = ("patch_size", "patch_size_level0", "target_mpp", "slide_mpp", "read_level", "resize_factor",
+                "level0_width", "level0_height")
+
+
+@dataclass(frozen=True)
+class Extras:
+    """What to write besides ``slides.csv`` and the tile probabilities.
+
+    Attributes:
+        embeddings: store (N, D) tile embeddings (``forward_head(pre_logits=True)``) in the h5.
+        heatmaps: ``heatmaps/<slide_id>_<class>.png``, the class probability over the thumbnail.
+        geojson: ``geojson/<slide_id>.geojson``, tiles with probabilities for QuPath.
+        gallery_k: if > 0, ``gallery/<slide_id>_<class>.png`` with the k most probable tiles.
+    """
+
+    embeddings: bool = False
+    heatmaps: bool = False
+    geojson: bool = False
+    gallery_k: int = 0
+
+
+def write_slide_predictions(path: Path, reader: TileReader, probs: np.ndarray, embeddings: np.ndarray | None,
+                            spec: ModelSpec) -> Path:
+    """Writes ``coords`` (N×2 level-0 px), ``probs`` (N×C), optional ``embeddings`` (N×D), atomically.
+
+    Attributes of ``probs`` record the classes (JSON list), the model, the tile store and its
+    resolution attributes, so the file stands on its own.
+    """
+    with atomic_path(path) as tmp, h5py.File(tmp, "w") as file:
+        file.create_dataset("coords", data=reader.coords.astype(np.int64))
+        dataset = file.create_dataset("probs", data=probs.astype(np.float32))
+        if embeddings is not None:
+            file.create_dataset("embeddings", data=embeddings.astype(np.float32))
+        dataset.attrs["class_names"] = json.dumps(list(spec.class_names))
+        dataset.attrs["model_name"] = spec.model_name
+        dataset.attrs["resolution"] = str(spec.resolution)
+        dataset.attrs["tile_store"] = str(reader.h5_path)
+        dataset.attrs["slide_path"] = str(reader.slide_path)
+        for key in _STORE_ATTRS:
+            dataset.attrs[key] = reader.attrs[key]
+    return path
+
+
+def write_extras(out_dir: Path, job: SlideJob, reader: TileReader, probs: np.ndarray, spec: ModelSpec,
+                 extras: Extras) -> None:
+    """Writes the pictures and QuPath objects ``extras`` asks for, for one slide.
+
+    Raises:
+        WsiTilingError: the slide cannot be read for its thumbnail or gallery tiles.
+    """
+    tile_level0 = float(reader.attrs["patch_size_level0"])
+    if extras.geojson:
+        write_geojson(out_dir / "geojson" / f"{job.slide_id}.geojson", reader.coords, tile_level0, probs,
+                      spec.class_names)
+    if extras.heatmaps:
+        thumbnail, size_level0 = slide_thumbnail(job.slide_path, job.mpp)
+        for c, name in enumerate(spec.class_names):
+            value_map = tile_value_map(reader.coords, tile_level0, probs[:, c], size_level0, thumbnail.shape[1::-1])
+            save_heatmap(out_dir / "heatmaps" / f"{job.slide_id}_{name}.png", thumbnail, value_map,
+                         f"{job.slide_id}: {name}")
+    if extras.gallery_k > 0:
+        for c, name in enumerate(spec.class_names):
+            best = np.argsort(-probs[:, c], kind="stable")[: extras.gallery_k]
+            save_gallery(out_dir / "gallery" / f"{job.slide_id}_{name}.png", [reader[int(i)] for i in best],
+                         probs[best, c].tolist(), f"{job.slide_id}: top {len(best)} {name} tiles")

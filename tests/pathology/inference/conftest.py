@@ -1,0 +1,86 @@
+"""A two-class synthetic slide set whose right answers are known, and a model that separates it.
+
+Slides are 512 µm squares at 0.5 µm/px (20x) holding one 320 µm tissue box, tiled at 2 µm/px
+into 32-px (64 µm) tiles: the box covers exactly 5 × 5 tiles. Class ``pink`` slides have eosin-pink
+tissue, class ``blue`` slides blue tissue of the same saturation (so tissue detection treats them
+alike). The ``mixed`` slide is pink with its last tile column blue: 5 of its 25 tiles are blue.
+
+The model is a freshly created EfficientFormer-L1 for 32-px inputs whose two heads are set, in
+closed form, to the nearest-class-mean rule on the embeddings of a pure pink and a pure blue tile
+(logit ±20), so it calls every pure tile right with probability 1 − 2e-9; no training needed.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+
+from pathology.checkpoint import ModelSpec, save_checkpoint
+from pathology.data import eval_transform
+from pathology.models import create_model
+from wsi_tiling import Resolution
+from wsi_tiling.synthetic import WHITE, write_slide
+
+SLIDE_MPP = 0.5
+SLIDE_PX = 1024  # 512 µm
+BOX_PX = (256, 896)  # tissue from 128 to 448 µm on both axes
+BLUE_COLUMN_PX = 768  # mixed slide: blue from 384 µm, i.e. the last of 5 tile columns
+PINK = (230, 150, 200)
+BLUE = (150, 170, 230)  # same HSV saturation as PINK
+TILE_PX = 32
+MODEL_MPP = 2.0
+TILES_PER_SLIDE = 25
+MIXED_BLUE_FRACTION = 5 / 25
+CLASSES = ("pink", "blue")
+LOGIT = 20.0
+
+
+def _image(left: tuple[int, int, int], right: tuple[int, int, int] | None = None) -> np.ndarray:
+    image = np.full((SLIDE_PX, SLIDE_PX, 3), WHITE, np.uint8)
+    lo, hi = BOX_PX
+    image[lo:hi, lo:hi] = left
+    if right is not None:
+        image[lo:hi, BLUE_COLUMN_PX:hi] = right
+    return image
+
+
+def _fit_heads(model: torch.nn.Module, spec: ModelSpec) -> None:
+    """Sets both heads to the nearest-mean rule between a pure pink and a pure blue tile."""
+    transform = eval_transform(spec.img_size, spec.mean, spec.std)
+    tiles = torch.stack([transform(image=np.full((TILE_PX, TILE_PX, 3), c, np.uint8))["image"] for c in (PINK, BLUE)])
+    model.eval()
+    with torch.no_grad():
+        pink, blue = model.forward_head(model.forward_features(tiles), pre_logits=True)
+        direction = (blue - pink) / (blue - pink).square().sum()
+        for head in model.get_classifier():
+            head.weight.zero_()
+            head.bias.zero_()
+            head.weight[1] = 2 * LOGIT * direction
+            head.bias[1] = -2 * LOGIT * direction @ (pink + blue) / 2
+
+
+@pytest.fixture(scope="session")
+def two_class_set(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    """Slides, labels and a checkpoint; keys ``slides`` (folder), ``labels``, ``checkpoint``, plus each slide."""
+    root = tmp_path_factory.mktemp("two_class")
+    slides = root / "slides"
+    slides.mkdir()
+    images = {"pink_1": _image(PINK), "pink_2": _image(PINK), "blue_1": _image(BLUE), "blue_2": _image(BLUE),
+              "mixed": _image(PINK, BLUE), "blank": _image(WHITE)}
+    paths = {name: write_slide(slides / f"{name}.svs", image, mpp=SLIDE_MPP, objective_power=20,
+                               downsamples=(1, 4), compression="zlib") for name, image in images.items()}
+    # 4 µm/px (2.5x) cannot give the model's 2 µm/px without upsampling.
+    paths["coarse"] = write_slide(root / "coarse.svs", _image(PINK)[::8, ::8], mpp=4.0, objective_power=2.5,
+                                  downsamples=(1,), compression="zlib")
+    labels = root / "labels.csv"
+    pd.DataFrame({"slide_id": ["pink_1", "pink_2", "blue_1", "blue_2", "mixed"],
+                  "label": ["pink", "pink", "blue", "blue", "pink"]}).to_csv(labels, index=False)
+    spec = ModelSpec("efficientformer_l1", {32: 1}, CLASSES, img_size=TILE_PX, tile_size=TILE_PX,
+                     resolution=Resolution(MODEL_MPP, "mpp"))
+    model = create_model(spec.model_name, mhsa_blocks=spec.mhsa_blocks, num_classes=2, img_size=spec.img_size)
+    _fit_heads(model, spec)
+    checkpoint = save_checkpoint(root / "model" / "tiny.ckpt", model, spec)
+    return {"root": root, "slides": slides, "labels": labels, "checkpoint": checkpoint, **paths}

@@ -1,0 +1,160 @@
+"""``pathology infer`` end to end on the two-class slide set, where every right answer is known."""
+from __future__ import annotations
+
+import json
+import os
+import pickle
+import subprocess
+import sys
+from pathlib import Path
+
+import h5py
+import numpy as np
+import pandas as pd
+import pytest
+from conftest import MIXED_BLUE_FRACTION, TILES_PER_SLIDE
+
+from pathology.inference.calibrate import Calibration
+from pathology.inference.evaluate import main as evaluate_main
+from pathology.inference.infer import infer_slides, main
+from pathology.inference.predict import RunOptions
+from wsi_tiling import Resolution, TileReader, tile_slide
+
+SINGLE = RunOptions(batch_size=16, num_workers=1, accelerator="cpu")
+PREDICTED = ["blue_1", "blue_2", "mixed", "pink_1", "pink_2"]
+
+
+@pytest.fixture(scope="module")
+def run(two_class_set, tmp_path_factory) -> Path:
+    """One CLI run over the folder, the coarse slide and a missing slide, with every extra output."""
+    out = tmp_path_factory.mktemp("run")
+    data = two_class_set
+    code = main([str(data["slides"]), str(data["coarse"]), str(data["root"] / "gone.svs"),
+                 "--checkpoint", str(data["checkpoint"]), "--out", str(out), "--accelerator", "cpu",
+                 "--batch-size", "16", "--num-workers", "1", "--aggregation", "mean", "max", "topk:0.1",
+                 "quantile:0.5", "vote", "--heatmaps", "--geojson", "--gallery", "2", "--embeddings"])
+    assert code == 1  # two slides failed; the others finished
+    return out
+
+
+def test_statuses_and_errors_name_the_file(run) -> None:
+    table = pd.read_csv(run / "slides.csv").set_index("slide_id")
+    assert table.loc[PREDICTED, "status"].eq("ok").all()
+    assert table.loc[PREDICTED, "n_tiles"].eq(TILES_PER_SLIDE).all()  # the 5 x 5 tiles of the tissue box
+    assert table.loc["blank", "status"] == "no-tissue"
+    assert table.loc["coarse", "status"] == "error" and "coarse.svs" in table.loc["coarse", "error"]
+    assert table.loc["gone", "status"] == "error" and "gone.svs" in table.loc["gone", "error"]
+    summary = json.loads((run / "summary.json").read_text())
+    assert summary["counts"] == {"ok": 5, "no-tissue": 1, "error": 2}
+    assert summary["n_tiles"] == 5 * TILES_PER_SLIDE
+
+
+def test_slide_scores_match_the_known_composition(run) -> None:
+    table = pd.read_csv(run / "slides.csv").set_index("slide_id")
+    for slide in ("pink_1", "pink_2"):
+        assert table.loc[slide, "predicted_label"] == "pink"
+        assert table.loc[slide, "max_blue"] == pytest.approx(0, abs=1e-6)
+    for slide in ("blue_1", "blue_2"):
+        assert table.loc[slide, "predicted_label"] == "blue"
+        assert table.loc[slide, "mean_blue"] == pytest.approx(1, abs=1e-6)
+    mixed = table.loc["mixed"]
+    # 5 blue tiles of 25: vote and mean 0.2; the top 10 % (3 tiles) and the max are blue; the median pink
+    assert mixed["vote_blue"] == pytest.approx(MIXED_BLUE_FRACTION)
+    assert mixed["mean_blue"] == pytest.approx(MIXED_BLUE_FRACTION, abs=1e-6)
+    assert mixed["topk0.1_blue"] == pytest.approx(1, abs=1e-6)
+    assert mixed["max_blue"] == pytest.approx(1, abs=1e-6)
+    assert mixed["quantile0.5_blue"] == pytest.approx(0, abs=1e-6)
+    assert mixed["predicted_label"] == "pink"  # argmax of the first aggregation, the mean
+
+
+def test_prediction_h5_lines_up_with_the_tile_store(run) -> None:
+    with h5py.File(run / "predictions" / "mixed.h5", "r") as file:
+        coords, probs = file["coords"][:], file["probs"][:]
+        assert file["embeddings"].shape == (TILES_PER_SLIDE, 448)  # L1's last stage width
+        assert json.loads(file["probs"].attrs["class_names"]) == ["pink", "blue"]
+        store = TileReader(file["probs"].attrs["tile_store"])
+    np.testing.assert_array_equal(coords, store.coords)
+    np.testing.assert_allclose(probs.sum(axis=1), 1, atol=1e-6)
+    # blue tiles are exactly those in the last column, x = 384 µm = 768 level-0 px
+    np.testing.assert_array_equal(probs[:, 1] > 0.5, coords[:, 0] == 768)
+
+
+def test_pictures_and_qupath_objects(run) -> None:
+    for slide in PREDICTED:
+        features = json.loads((run / "geojson" / f"{slide}.geojson").read_text())["features"]
+        assert len(features) == TILES_PER_SLIDE
+        for name in ("pink", "blue"):
+            assert (run / "heatmaps" / f"{slide}_{name}.png").stat().st_size > 0
+            assert (run / "gallery" / f"{slide}_{name}.png").stat().st_size > 0
+    assert not (run / "heatmaps" / "blank_pink.png").exists()
+
+
+def test_evaluate_the_run(run, two_class_set, capsys) -> None:
+    assert evaluate_main(["--predictions", str(run), "--labels", str(two_class_set["labels"]),
+                          "--bootstrap", "20"]) == 0
+    metrics = json.loads((run / "evaluation" / "metrics.json").read_text())["methods"]
+    assert metrics["mean"]["auroc"] == 1.0  # mixed (0.2) is labelled pink and ranks below both blue slides
+    assert metrics["mean"]["confusion_matrix"] == [[3, 0], [0, 2]]
+
+
+def test_calibrated_threshold_decides_the_label(two_class_set, tmp_path) -> None:
+    calibration = Calibration("vote", "blue", threshold=0.1, temperature=1.0, method="youden")
+    path = calibration.save(tmp_path / "vote.calibration.json")
+    table = infer_slides(two_class_set["checkpoint"], [two_class_set["mixed"]], tmp_path / "out",
+                         aggregations=["mean"], calibration=path, run=SINGLE).set_index("slide_id")
+    # the vote share of blue, 0.2, passes the 0.1 threshold, although the mean's argmax is pink
+    assert table.loc["mixed", "calibrated_blue"] == pytest.approx(MIXED_BLUE_FRACTION)
+    assert table.loc["mixed", "predicted_label"] == "blue"
+
+
+def test_reuses_a_store_with_matching_parameters(two_class_set, tmp_path) -> None:
+    tiles = tmp_path / "tiles"
+    made = tile_slide(two_class_set["pink_1"], tiles, Resolution(2.0, "mpp"), 32, save_tiles=True, min_tissue=0.9)
+    before = made.h5_path.stat().st_mtime_ns
+    table = infer_slides(two_class_set["checkpoint"], [two_class_set["pink_1"]], tmp_path / "out",
+                         tiles_dir=tiles, run=SINGLE)
+    assert made.h5_path.stat().st_mtime_ns == before
+    assert table["n_tiles"].tolist() == [made.n_tiles] and table["predicted_label"].tolist() == ["pink"]
+
+
+def test_checkpoint_of_another_architecture(two_class_set, tmp_path, capsys) -> None:
+    import torch
+
+    payload = torch.load(two_class_set["checkpoint"], weights_only=True)
+    payload["pathology_spec"]["model_name"] = "efficientformer_l3"
+    wrong = tmp_path / "wrong_arch.ckpt"
+    torch.save(payload, wrong)
+    assert main([str(two_class_set["pink_1"]), "--checkpoint", str(wrong), "--out", str(tmp_path / "o")]) == 1
+    assert "wrong_arch.ckpt" in capsys.readouterr().err
+
+
+class _Exploit:
+    def __reduce__(self):
+        return os.system, ("touch pwned",)
+
+
+def test_checkpoint_with_code_is_never_run(two_class_set, tmp_path, capsys, monkeypatch) -> None:
+    monkeypatch.chdir(tmp_path)
+    evil = tmp_path / "evil.ckpt"
+    evil.write_bytes(pickle.dumps({"state_dict": {}, "pathology_spec": _Exploit()}))
+    assert main([str(two_class_set["pink_1"]), "--checkpoint", str(evil), "--out", str(tmp_path / "o")]) == 1
+    assert "evil.ckpt" in capsys.readouterr().err
+    assert not (tmp_path / "pwned").exists()
+
+
+def test_two_processes_give_the_same_predictions(run, two_class_set, tmp_path) -> None:
+    out = tmp_path / "ddp"
+    command = [sys.executable, "-m", "pathology.cli", "infer", str(two_class_set["slides"]),
+               "--checkpoint", str(two_class_set["checkpoint"]), "--out", str(out), "--accelerator", "cpu",
+               "--devices", "2", "--strategy", "ddp", "--batch-size", "8", "--num-workers", "0",
+               "--tiles-dir", str(run / "tiles"), "--aggregation", "mean", "vote"]
+    result = subprocess.run(command, capture_output=True, text=True, timeout=170,
+                            env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert result.returncode == 0, result.stderr[-2000:]
+    for slide in PREDICTED:
+        with h5py.File(run / "predictions" / f"{slide}.h5") as one, h5py.File(out / "predictions" / f"{slide}.h5") as two:
+            np.testing.assert_array_equal(one["coords"][:], two["coords"][:])
+            np.testing.assert_allclose(one["probs"][:], two["probs"][:], atol=1e-5)
+    single = pd.read_csv(run / "slides.csv").set_index("slide_id").loc[PREDICTED, ["mean_blue", "vote_blue"]]
+    double = pd.read_csv(out / "slides.csv").set_index("slide_id").loc[PREDICTED, ["mean_blue", "vote_blue"]]
+    pd.testing.assert_frame_equal(single, double, atol=1e-5)
