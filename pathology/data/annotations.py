@@ -23,6 +23,7 @@ log = logging.getLogger(__name__)
 
 SAMPLES_PER_SIDE = 16
 UNLABELLED = -1  # label of a tile left out of training
+MIN_RING_POSITIONS = 4  # GeoJSON: a closed ring of at least 3 distinct vertices
 
 
 @dataclass(frozen=True)
@@ -54,8 +55,8 @@ def _rings(geometry: dict, path: Path) -> list[list[np.ndarray]]:
         rings = [[np.asarray(ring, dtype=float).reshape(-1, 2) for ring in polygon] for polygon in polygons]
     except (TypeError, ValueError) as err:
         raise AnnotationError(f"{path}: polygon coordinates are not lists of (x, y) pairs") from err
-    if any(not polygon or len(polygon[0]) < 3 for polygon in rings):
-        raise AnnotationError(f"{path}: a polygon has fewer than 3 vertices")
+    if any(not polygon or len(polygon[0]) < MIN_RING_POSITIONS for polygon in rings):
+        raise AnnotationError(f"{path}: a polygon ring has fewer than {MIN_RING_POSITIONS} positions")
     return rings
 
 

@@ -1,0 +1,61 @@
+"""HED stain jitter against Beer-Lambert physics, and the shared preprocessing."""
+from __future__ import annotations
+
+import albumentations as A
+import numpy as np
+import torch
+
+from pathology.data import AugmentConfig, HEDJitter, eval_transform, hed_jitter, train_transform
+
+# Ruifrok & Johnston's unit optical-density vectors (rows of scikit-image's rgb_from_hed).
+HAEMATOXYLIN_OD = np.array([0.65, 0.70, 0.29])
+EOSIN_OD = np.array([0.07, 0.99, 0.11])
+
+
+def _render(od: np.ndarray) -> np.ndarray:
+    """Beer-Lambert: transmitted intensity of an optical density (natural log), as uint8."""
+    return np.rint(255 * np.exp(-od)).astype(np.uint8).reshape(1, 1, 3)
+
+
+def test_identity_jitter_keeps_the_tile(rng: np.random.Generator) -> None:
+    tile = rng.integers(1, 256, (8, 8, 3), dtype=np.uint8)
+    out = hed_jitter(tile, np.ones(3), np.zeros(3))
+    assert np.abs(out.astype(int) - tile).max() <= 1
+
+
+def test_doubling_haematoxylin_doubles_its_optical_density() -> None:
+    nuclei = _render(0.5 * HAEMATOXYLIN_OD / np.linalg.norm(HAEMATOXYLIN_OD))
+    expected = _render(1.0 * HAEMATOXYLIN_OD / np.linalg.norm(HAEMATOXYLIN_OD))
+    out = hed_jitter(nuclei, np.array([2.0, 1.0, 1.0]), np.zeros(3))
+    assert np.abs(out.astype(int) - expected).max() <= 2
+
+
+def test_eosin_shift_stains_white_glass_pink() -> None:
+    glass = np.full((1, 1, 3), 255, np.uint8)  # optical density 0
+    out = hed_jitter(glass, np.ones(3), np.array([0.0, 0.3, 0.0]))
+    expected = _render(0.3 * EOSIN_OD / np.linalg.norm(EOSIN_OD))
+    assert np.abs(out.astype(int) - expected).max() <= 2
+
+
+def test_hed_jitter_transform_is_random_per_call_and_off_at_p0(rng: np.random.Generator) -> None:
+    tile = rng.integers(60, 200, (16, 16, 3), dtype=np.uint8)
+    jitter = A.Compose([HEDJitter(alpha_sigma=0.3, beta_sigma=0.1, p=1.0)], seed=0)
+    first, second = jitter(image=tile)["image"], jitter(image=tile)["image"]
+    assert not np.array_equal(first, tile) and not np.array_equal(first, second)
+    assert np.array_equal(A.Compose([HEDJitter(p=0.0)])(image=tile)["image"], tile)
+
+
+def test_eval_transform_resizes_and_normalises_with_model_statistics() -> None:
+    mean, std = (0.5, 0.25, 0.75), (0.1, 0.2, 0.3)
+    tile = np.empty((50, 50, 3), np.uint8)
+    tile[...] = (153, 51, 255)  # 0.6, 0.2, 1.0 in [0, 1]
+    out = eval_transform(64, mean, std)(image=tile)["image"]
+    assert out.shape == (3, 64, 64) and out.dtype == torch.float32
+    expected = [(0.6 - 0.5) / 0.1, (0.2 - 0.25) / 0.2, (1.0 - 0.75) / 0.3]
+    np.testing.assert_allclose(out.mean(dim=(1, 2)).numpy(), expected, atol=1e-5)
+
+
+def test_train_transform_ends_at_model_input_size(rng: np.random.Generator) -> None:
+    tile = rng.integers(0, 256, (50, 50, 3), dtype=np.uint8)
+    out = train_transform(AugmentConfig(hed_p=1.0, blur_p=1.0, jpeg_p=1.0), 96, (0.5,) * 3, (0.5,) * 3)(image=tile)
+    assert out["image"].shape == (3, 96, 96)
