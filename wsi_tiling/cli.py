@@ -249,9 +249,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     manifest = _manifest_path(args.out, args.shard)
     _write_manifest(manifest, rows)
     failed = [row for row in rows if row["status"] == "error"]
-    for row in failed:
-        print(f"wsi-tile: error: {row['error']}", file=sys.stderr)
+    for message in dict.fromkeys(row["error"] for row in failed):
+        print(f"wsi-tile: error: {message}", file=sys.stderr)
     counts = Counter(row["status"] for row in rows)
     print(f"wsi-tile: {len(jobs)} slides x {len(settings)} settings: "
           + ", ".join(f"{status} {n}" for status, n in sorted(counts.items())) + f"; manifest {manifest}")
     return 1 if failed else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,123 @@
+"""The wsi-tile command: batches with bad inputs, usage errors, process pool, crash and resume."""
+from __future__ import annotations
+
+import csv
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import h5py
+import numpy as np
+import pytest
+
+from wsi_tiling.cli import main
+
+KILL_TIMEOUT_S = 60
+
+
+def _manifest(out: Path, name: str = "manifest.csv") -> dict[tuple[str, str], dict[str, str]]:
+    with (out / name).open() as file:
+        return {(row["slide_id"], row["setting"]): row for row in csv.DictReader(file)}
+
+
+def test_bad_slides_are_recorded_and_the_rest_finish(tmp_path: Path, stripes_slide: Path, blank_slide: Path,
+                                                      text_as_svs: Path, truncated_slide: Path, no_mpp_slide: Path,
+                                                      capsys: pytest.CaptureFixture[str]) -> None:
+    (tmp_path / "empty").mkdir()
+    inputs = [stripes_slide, blank_slide, text_as_svs, truncated_slide, no_mpp_slide, tmp_path / "gone.svs",
+              tmp_path / "empty"]
+    code = main([*map(str, inputs), "--out", str(tmp_path / "out"), "--magnification", "10", "80",
+                 "--tile-size", "64", "--save-tiles", "--workers", "1"])
+    assert code == 1
+    rows = _manifest(tmp_path / "out")
+    status = {key: row["status"] for key, row in rows.items()}
+    assert status[("stripes", "10x_64px_0px_overlap")] == "ok"
+    assert status[("blank", "10x_64px_0px_overlap")] == "no-tissue"
+    expected_errors = {("stripes", "80x_64px_0px_overlap"): "stripes.svs", ("blank", "80x_64px_0px_overlap"): "blank.svs",
+                       ("notes", "10x_64px_0px_overlap"): "notes.svs",
+                       ("truncated", "10x_64px_0px_overlap"): "truncated.svs",
+                       ("no_mpp", "10x_64px_0px_overlap"): "no_mpp.svs",
+                       ("gone.svs", "10x_64px_0px_overlap"): "gone.svs", ("empty", "10x_64px_0px_overlap"): "empty"}
+    for key, name in expected_errors.items():
+        assert status[key] == "error" and name in rows[key]["error"]
+    assert "--slide-mpp" in rows[("no_mpp", "10x_64px_0px_overlap")]["error"]
+    assert int(rows[("stripes", "10x_64px_0px_overlap")]["n_tiles"]) > 0
+    assert (tmp_path / "out" / "10x_64px_0px_overlap" / "thumbnails" / "stripes.png").is_file()
+    errors = [line for line in capsys.readouterr().err.splitlines() if line.startswith("wsi-tile: error")]
+    assert len(errors) == len(set(errors)) == 7  # one line per distinct message, not one per setting
+    assert all(any(name in line for name in expected_errors.values()) for line in errors)
+    assert not list((tmp_path / "out").rglob("*.partial"))
+
+
+def test_csv_mpp_column_rescues_a_slide_without_metadata(tmp_path: Path, no_mpp_slide: Path) -> None:
+    listing = tmp_path / "slides.csv"
+    listing.write_text(f"slide_path,slide_id,mpp\n{no_mpp_slide},case_1,0.25\n")
+    assert main([str(listing), "--out", str(tmp_path / "out"), "--mpp", "1.0", "--tile-size", "64",
+                 "--workers", "1"]) == 0
+    row = _manifest(tmp_path / "out")[("case_1", "1.00mpp_64px_0px_overlap")]
+    assert (row["status"], row["mpp_source"], float(row["target_mpp"])) == ("ok", "user", 1.0)
+
+
+@pytest.mark.parametrize("arguments", [["--tile-size", "0"], ["--tile-size", "64", "--overlap", "-1"],
+                                       ["--tile-size", "64", "--overlap", "64"]])
+def test_bad_tile_size_or_overlap_is_a_usage_error(tmp_path: Path, stripes_slide: Path, arguments: list[str],
+                                                   capsys: pytest.CaptureFixture[str]) -> None:
+    with pytest.raises(SystemExit) as exit_info:
+        main([str(stripes_slide), "--out", str(tmp_path), "--magnification", "10", *arguments])
+    assert exit_info.value.code == 2
+    assert ("--tile-size" in capsys.readouterr().err) or "--overlap" in arguments
+
+
+def test_unwritable_output_folder_names_it(tmp_path: Path, stripes_slide: Path,
+                                           capsys: pytest.CaptureFixture[str]) -> None:
+    blocker = tmp_path / "a_file"
+    blocker.write_text("")
+    code = main([str(stripes_slide), "--out", str(blocker / "out"), "--magnification", "10", "--tile-size", "64"])
+    assert code == 2 and "a_file" in capsys.readouterr().err
+
+
+def test_process_pool_and_shards(tmp_path: Path, stripes_slide: Path, blank_slide: Path) -> None:
+    args = [str(stripes_slide), str(blank_slide), "--out", str(tmp_path), "--magnification", "10",
+            "--tile-size", "64", "--workers", "2"]
+    assert main([*args, "--shard", "0/2"]) == 0 and main([*args, "--shard", "1/2"]) == 0
+    first, second = _manifest(tmp_path, "manifest_shard0of2.csv"), _manifest(tmp_path, "manifest_shard1of2.csv")
+    assert [key[0] for key in first] == ["blank"] and [key[0] for key in second] == ["stripes"]
+    assert main(args) == 0
+    assert {row["status"] for row in _manifest(tmp_path).values()} == {"ok", "no-tissue"}
+
+
+def _stores(out: Path) -> dict[str, tuple[np.ndarray, np.ndarray]]:
+    stores = {}
+    for path in sorted(out.rglob("*.h5")):
+        with h5py.File(path) as file:
+            stores[path.stem] = (file["coords"][:], file["tiles"][:])
+    return stores
+
+
+def test_killed_run_leaves_nothing_resume_would_trust(tmp_path: Path, stripes_slide: Path) -> None:
+    slides = tmp_path / "slides"
+    slides.mkdir()
+    for i in range(6):
+        (slides / f"s{i}.svs").symlink_to(stripes_slide)
+    settings = ["--magnification", "20", "--tile-size", "128", "--save-tiles", "--workers", "1"]
+    command = [str(slides), "--out", str(tmp_path / "run"), *settings]
+    process = subprocess.Popen([sys.executable, "-m", "wsi_tiling.cli", *command], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.monotonic() + KILL_TIMEOUT_S
+    while not list((tmp_path / "run").rglob("*.h5")) and time.monotonic() < deadline and process.poll() is None:
+        time.sleep(0.01)
+    os.kill(process.pid, signal.SIGKILL)
+    process.wait()
+    finished = _stores(tmp_path / "run")
+    for coords, tiles in finished.values():  # whatever exists under the final name is complete
+        assert len(coords) == len(tiles) > 0 and tiles[-1].any()
+    assert main([*command, "--resume"]) == 0
+    rows = _manifest(tmp_path / "run")
+    assert sum(row["status"] == "skipped" for row in rows.values()) == len(finished) < 6
+    assert main([str(slides), "--out", str(tmp_path / "clean"), *settings]) == 0
+    resumed, clean = _stores(tmp_path / "run"), _stores(tmp_path / "clean")
+    assert resumed.keys() == clean.keys() == {f"s{i}" for i in range(6)}
+    for name in clean:
+        assert (resumed[name][0] == clean[name][0]).all() and (resumed[name][1] == clean[name][1]).all()
