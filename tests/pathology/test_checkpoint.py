@@ -1,0 +1,79 @@
+"""pathology.checkpoint: the spec survives a round trip, and unsafe or foreign files are refused."""
+from __future__ import annotations
+
+import os
+import pickle
+from pathlib import Path
+
+import pytest
+import torch
+
+from pathology.checkpoint import CheckpointError, ModelSpec, load_inference_model, save_checkpoint
+from pathology.models import create_model
+from wsi_tiling import Resolution
+
+SPEC = ModelSpec(model_name="efficientformer_l1", mhsa_blocks={16: 1, 32: 1}, class_names=("benign", "tumour"),
+                 img_size=64, tile_size=128, resolution=Resolution(1.0, "mpp"))
+
+
+@pytest.fixture(scope="module")
+def saved(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, torch.nn.Module]:
+    model = create_model(SPEC.model_name, mhsa_blocks=SPEC.mhsa_blocks, num_classes=SPEC.num_classes,
+                         img_size=SPEC.img_size).eval()
+    return save_checkpoint(tmp_path_factory.mktemp("ckpt") / "model.ckpt", model, SPEC), model
+
+
+def test_round_trip_rebuilds_the_same_function(saved: tuple[Path, torch.nn.Module]) -> None:
+    path, model = saved
+    loaded, spec = load_inference_model(path)
+    assert spec == SPEC
+    assert not loaded.training
+    x = torch.randn(2, 3, SPEC.img_size, SPEC.img_size)
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(x), model(x))
+
+
+def test_no_temporary_file_is_left(saved: tuple[Path, torch.nn.Module]) -> None:
+    path, _ = saved
+    assert sorted(p.name for p in path.parent.iterdir()) == [path.name]
+
+
+class _Evil:
+    def __reduce__(self):  # runs os.system on a full-pickle load
+        return (os.system, ("echo pwned",))
+
+
+def test_pickle_with_code_is_refused(tmp_path: Path) -> None:
+    path = tmp_path / "evil.ckpt"
+    with path.open("wb") as fh:
+        pickle.dump({"state_dict": {}, "pathology_spec": _Evil()}, fh)
+    with pytest.raises(CheckpointError, match="evil.ckpt"):
+        load_inference_model(path)
+
+
+def test_truncated_checkpoint_is_refused(saved: tuple[Path, torch.nn.Module], tmp_path: Path) -> None:
+    path = tmp_path / "cut.ckpt"
+    path.write_bytes(saved[0].read_bytes()[:1000])
+    with pytest.raises(CheckpointError, match="cut.ckpt"):
+        load_inference_model(path)
+
+
+def test_foreign_checkpoint_is_refused(tmp_path: Path) -> None:
+    path = tmp_path / "resnet.pth"
+    torch.save({"fc.weight": torch.zeros(2, 2)}, path)
+    with pytest.raises(CheckpointError, match="resnet.pth.*not a pathology"):
+        load_inference_model(path)
+
+
+def test_weights_of_another_architecture_are_refused(saved: tuple[Path, torch.nn.Module], tmp_path: Path) -> None:
+    ckpt = torch.load(saved[0], weights_only=True)
+    ckpt["pathology_spec"]["mhsa_blocks"] = {32: 1}  # the file's weights hold an extra /16 block
+    path = tmp_path / "mismatch.ckpt"
+    torch.save(ckpt, path)
+    with pytest.raises(CheckpointError, match="mismatch.ckpt.*do not match"):
+        load_inference_model(path)
+
+
+def test_missing_checkpoint_names_the_path(tmp_path: Path) -> None:
+    with pytest.raises(CheckpointError, match="nothere.ckpt"):
+        load_inference_model(tmp_path / "nothere.ckpt")
