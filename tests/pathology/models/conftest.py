@@ -1,0 +1,45 @@
+"""timm EfficientFormer weights with every tensor randomised, saved as timm would ship them.
+
+timm's own initialisation sets LayerScale to 1e-5, which makes most blocks near-identity; a
+test comparing two models with such weights would pass even with blocks swapped. Random
+weights everywhere make every block matter.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import timm
+import torch
+from torch import nn
+
+WEIGHT_STD = 0.1
+RUNNING_VAR_RANGE = (0.9, 1.1)
+
+
+def randomize_(model: nn.Module, seed: int = 0) -> nn.Module:
+    """Fills every float tensor of ``model`` (parameters and BatchNorm statistics) with noise."""
+    generator = torch.Generator().manual_seed(seed)
+    low, high = RUNNING_VAR_RANGE
+    with torch.no_grad():
+        for name, tensor in model.state_dict().items():
+            if not tensor.is_floating_point():
+                continue
+            noise = torch.rand(tensor.shape, generator=generator) if "running_var" in name else \
+                torch.randn(tensor.shape, generator=generator)
+            tensor.copy_(low + (high - low) * noise if "running_var" in name else WEIGHT_STD * noise)
+    return model
+
+
+@pytest.fixture(scope="session")
+def timm_l1() -> nn.Module:
+    """timm's ``efficientformer_l1`` as it ships (1000 classes, 7 x 7 biases), random weights, eval."""
+    return randomize_(timm.create_model("efficientformer_l1")).eval()
+
+
+@pytest.fixture(scope="session")
+def timm_l1_file(timm_l1: nn.Module, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """``timm_l1``'s state dict saved with ``torch.save``, timm key names."""
+    path = tmp_path_factory.mktemp("weights") / "efficientformer_l1.pth"
+    torch.save(timm_l1.state_dict(), path)
+    return path

@@ -1,0 +1,128 @@
+"""pathology/models/efficientformer.py: variants, MHSA placement, token grids, input sizes."""
+from __future__ import annotations
+
+import pytest
+import torch
+import yaml
+from jsonargparse import ArgumentParser
+
+from pathology.models import MODEL_CONFIGS, create_model, list_models
+from pathology.models.efficientformer import MhsaBlock
+
+N_CLASSES = 3
+HEADS = 8  # timm's Attention default
+
+
+# Li et al. 2022, table of variants: L1 has 1, L3 4, L7 8 MHSA blocks, all at the end of the /32 stage
+PAPER_MHSA_AT_32 = {"efficientformer_l1": 1, "efficientformer_l3": 4, "efficientformer_l7": 8}
+# L1 at every tile size; the bigger variants at one size whose grid is not timm's 7 x 7 (construction
+# of L7 alone takes seconds on a shared 2-core CPU)
+FORWARD_CASES = [("efficientformer_l1", size) for size in (224, 256, 512)] + [
+    ("efficientformer_l3", 256), ("efficientformer_l7", 256)]
+
+
+@pytest.mark.parametrize("placement", ["32", "16+32"])
+@pytest.mark.parametrize(("name", "img_size"), FORWARD_CASES)
+def test_every_variant_runs_forward(name: str, img_size: int, placement: str) -> None:
+    n_16 = 0 if placement == "32" else 2
+    mhsa = None if placement == "32" else {"16": n_16, "32": PAPER_MHSA_AT_32[name]}
+    model = create_model(name, mhsa_blocks=mhsa, num_classes=N_CLASSES, img_size=img_size).eval()
+    with torch.inference_mode():
+        features = model.forward_features(torch.randn(1, 3, img_size, img_size))
+        embedding = model.forward_head(features, pre_logits=True)
+        logits = model.forward_head(features)
+    width = MODEL_CONFIGS[name].widths[-1]
+    assert features.shape == (1, width, img_size // 32, img_size // 32)
+    assert embedding.shape == (1, width)
+    assert logits.shape == (1, N_CLASSES)
+    assert torch.isfinite(logits).all()
+    counts = [sum(isinstance(block, MhsaBlock) for block in stage.blocks) for stage in model.stages]
+    assert counts == [0, 0, n_16, PAPER_MHSA_AT_32[name]]
+
+
+def test_registry_lists_the_three_variants() -> None:
+    assert sorted(list_models()) == sorted(PAPER_MHSA_AT_32)
+
+
+def test_attention_biases_cover_the_real_token_grid() -> None:
+    model = create_model("efficientformer_l1", mhsa_blocks={16: 2, 32: 1}, img_size=512)
+    # 512 px / 16 = 32 tokens a side at /16, 512 / 32 = 16 at /32; one bias per (|dy|, |dx|)
+    assert model.stages[2].blocks[6].token_mixer.attention_biases.shape == (HEADS, 32 * 32)
+    assert model.stages[3].blocks[3].token_mixer.attention_biases.shape == (HEADS, 16 * 16)
+    assert model.stages[3].blocks[3].token_mixer.attention_bias_idxs.shape == (16 * 16, 16 * 16)
+
+
+def test_non_square_input() -> None:
+    model = create_model("efficientformer_l1", mhsa_blocks={16: 1, 32: 1}, num_classes=2, img_size=(224, 288))
+    with torch.inference_mode():
+        features = model.eval().forward_features(torch.randn(2, 3, 224, 288))
+    assert features.shape == (2, 448, 7, 9)
+    assert model.stages[2].blocks[6].token_mixer.attention_biases.shape == (HEADS, 14 * 18)
+
+
+def test_input_of_another_size_names_img_size() -> None:
+    model = create_model("efficientformer_l1", img_size=224).eval()
+    with pytest.raises(ValueError, match="img_size"):
+        model(torch.randn(1, 3, 256, 256))
+
+
+def test_channels_last_input_gives_the_same_logits() -> None:
+    model = create_model("efficientformer_l1", mhsa_blocks={16: 1, 32: 1}, num_classes=2, img_size=64).eval()
+    x = torch.randn(2, 3, 64, 64)
+    with torch.inference_mode():
+        expected = model(x)
+        actual = model(x.contiguous(memory_format=torch.channels_last))
+    torch.testing.assert_close(actual, expected, rtol=1e-4, atol=1e-5)
+
+
+def test_string_stride_keys_equal_int_keys() -> None:
+    model = create_model("efficientformer_l1", mhsa_blocks={"16": 2, "32": 1}, num_classes=0, img_size=64)
+    assert model.mhsa_blocks == {16: 2, 32: 1}
+    assert create_model("efficientformer_l1", mhsa_blocks={32: 0}, img_size=64).mhsa_blocks == {}
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "error", "match"),
+    [
+        ({"img_size": 200}, ValueError, "multiples of 32"),
+        ({"img_size": (224, 100)}, ValueError, "multiples of 32"),
+        ({"mhsa_blocks": {64: 1}}, ValueError, "stride 64"),
+        ({"mhsa_blocks": {16: -1}}, ValueError, "non-negative"),
+    ],
+)
+def test_bad_arguments(kwargs: dict, error: type[Exception], match: str) -> None:
+    with pytest.raises(error, match=match):
+        create_model("efficientformer_l1", **kwargs)
+
+
+def test_unknown_name_lists_the_choices() -> None:
+    with pytest.raises(KeyError, match="efficientformer_l1"):
+        create_model("efficientformer_l2")
+
+
+def test_gradient_checkpointing_gives_the_same_gradients() -> None:
+    torch.manual_seed(0)
+    model = create_model("efficientformer_l1", mhsa_blocks={16: 1, 32: 1}, num_classes=2, img_size=64)
+    x = torch.randn(2, 3, 64, 64)
+
+    def grads() -> torch.Tensor:
+        model.zero_grad()
+        model(x).square().sum().backward()
+        return model.stem.conv1.weight.grad.clone()
+
+    plain = grads()
+    model.set_grad_checkpointing(True)
+    assert all(stage.grad_checkpointing for stage in model.stages)
+    torch.testing.assert_close(grads(), plain)
+
+
+def test_yaml_config_maps_to_create_model() -> None:
+    # what LightningCLI does with a model section: YAML keys become typed arguments
+    parser = ArgumentParser()
+    parser.add_function_arguments(create_model, "model")
+    text = "model:\n  name: efficientformer_l1\n  mhsa_blocks: {16: 2, 32: 1}\n  num_classes: 2\n  img_size: 64\n"
+    config = parser.parse_object(yaml.safe_load(text))
+    model = create_model(**config.model.as_dict())
+    assert model.mhsa_blocks == {16: 2, 32: 1}
+    with pytest.raises(SystemExit):  # a typo fails at parse time
+        parser.parse_object({"model": {"name": "efficientformer_l1", "num_clases": 2}})
