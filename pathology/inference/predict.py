@@ -134,7 +134,7 @@ def predict_tiles(model: nn.Module, dataset: Dataset, shard_dir: str | Path, opt
     Args:
         model: classifier in eval form.
         dataset: the tiles, e.g. a :class:`pathology.data.TileDataset` with the eval transform.
-        shard_dir: folder for the per-rank files; emptied of old shards first.
+        shard_dir: folder for the per-rank files (on a file system every node sees); removed at the end.
         options: devices, batch size, workers, precision.
         embeddings: also return the pooled features.
 
@@ -157,5 +157,8 @@ def predict_tiles(model: nn.Module, dataset: Dataset, shard_dir: str | Path, opt
     if not trainer.is_global_zero:
         return None
     predictions = _merge(shard_dir, len(dataset))
+    for shard in shard_dir.glob("rank*.npz"):
+        shard.unlink()
+    shard_dir.rmdir()
     log.info("predicted %d tiles on %d process(es)", len(dataset), trainer.world_size)
     return predictions

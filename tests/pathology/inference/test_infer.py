@@ -136,7 +136,7 @@ class _Exploit:
 def test_checkpoint_with_code_is_never_run(two_class_set, tmp_path, capsys, monkeypatch) -> None:
     monkeypatch.chdir(tmp_path)
     evil = tmp_path / "evil.ckpt"
-    evil.write_bytes(pickle.dumps({"state_dict": {}, "pathology_spec": _Exploit()}))
+    evil.write_bytes(pickle.dumps({"state_dict": {}, "pathology_spec": _Exploit()}, protocol=2))
     assert main([str(two_class_set["pink_1"]), "--checkpoint", str(evil), "--out", str(tmp_path / "o")]) == 1
     assert "evil.ckpt" in capsys.readouterr().err
     assert not (tmp_path / "pwned").exists()
@@ -158,3 +158,24 @@ def test_two_processes_give_the_same_predictions(run, two_class_set, tmp_path) -
     single = pd.read_csv(run / "slides.csv").set_index("slide_id").loc[PREDICTED, ["mean_blue", "vote_blue"]]
     double = pd.read_csv(out / "slides.csv").set_index("slide_id").loc[PREDICTED, ["mean_blue", "vote_blue"]]
     pd.testing.assert_frame_equal(single, double, atol=1e-5)
+
+
+def test_real_slides_missing_resolution_then_given(shared_data, two_class_set, tmp_path) -> None:
+    cmu = shared_data / "slides" / "CMU-1-Small-Region.svs"
+    tcga = shared_data / "slides" / "tcga-cr-7395-01a-01-ts1.svs"  # no µm/px in its metadata
+    table = infer_slides(two_class_set["checkpoint"], [cmu, tcga], tmp_path / "out", aggregations=["mean"],
+                         run=SINGLE).set_index("slide_id")
+    assert table.loc["CMU-1-Small-Region", "status"] == "ok"
+    assert table.loc["tcga-cr-7395-01a-01-ts1", "status"] == "error"
+    assert "tcga-cr-7395-01a-01-ts1.svs" in table.loc["tcga-cr-7395-01a-01-ts1", "error"]
+    with h5py.File(tmp_path / "out" / "predictions" / "CMU-1-Small-Region.h5") as file:
+        coords, probs = file["coords"][:], file["probs"][:]
+        assert file["probs"].attrs["patch_size_level0"] == round(32 * 2.0 / 0.499)  # 64 µm at 0.499 µm/px
+    assert len(coords) == table.loc["CMU-1-Small-Region", "n_tiles"] > 0
+    assert (coords >= 0).all() and (coords[:, 0] < 2220).all() and (coords[:, 1] < 2967).all()
+    np.testing.assert_allclose(probs.sum(axis=1), 1, atol=1e-6)
+    # the fix the error names: give the µm/px, here in a CSV
+    listing = tmp_path / "slides.csv"
+    pd.DataFrame({"slide_path": [str(tcga)], "mpp": [0.25]}).to_csv(listing, index=False)
+    again = infer_slides(two_class_set["checkpoint"], [listing], tmp_path / "out2", aggregations=["mean"], run=SINGLE)
+    assert again["status"].tolist() == ["ok"] and again["n_tiles"].iloc[0] > 0
