@@ -61,7 +61,7 @@ def _best_checkpoint(trainer) -> Path:
     callback = _checkpoint_callback(trainer)
     if callback is None or not (callback.best_model_path or callback.last_model_path):
         raise CheckpointError(f"{trainer.default_root_dir}: the run wrote no checkpoint (add a ModelCheckpoint)")
-    return Path(callback.best_model_path or callback.last_model_path)
+    return Path(callback.best_model_path or callback.last_model_path).resolve()
 
 
 def fit(args: list[str]) -> FitResult:
