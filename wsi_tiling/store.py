@@ -8,13 +8,13 @@ file that looks finished.
 from __future__ import annotations
 
 import os
-import zlib
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from types import TracebackType
 from typing import Any, overload
 
 import h5py
+import imagecodecs
 import numpy as np
 
 from .errors import OutputError
@@ -28,8 +28,12 @@ PARTIAL_SUFFIX = ".partial"
 
 
 def compress_tile(tile: np.ndarray) -> bytes:
-    """Deflates one (T, T, 3) uint8 tile as an h5 gzip chunk (thread-safe, releases the GIL)."""
-    return zlib.compress(np.ascontiguousarray(tile).tobytes(), GZIP_LEVEL)
+    """Deflates one (T, T, 3) uint8 tile as an h5 gzip chunk (zlib stream).
+
+    libdeflate (through imagecodecs) is 2-3x faster than zlib at the same ratio, and releases
+    the GIL, so the tiler's threads compress in parallel.
+    """
+    return imagecodecs.deflate_encode(np.ascontiguousarray(tile), level=GZIP_LEVEL)
 
 
 def _h5_value(value: Any) -> Any:
