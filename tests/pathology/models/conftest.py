@@ -6,6 +6,7 @@ weights everywhere make every block matter.
 """
 from __future__ import annotations
 
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -43,3 +44,9 @@ def timm_l1_file(timm_l1: nn.Module, tmp_path_factory: pytest.TempPathFactory) -
     path = tmp_path_factory.mktemp("weights") / "efficientformer_l1.pth"
     torch.save(timm_l1.state_dict(), path)
     return path
+
+
+@pytest.fixture(scope="session")
+def randomize() -> Callable[[nn.Module], nn.Module]:
+    """:func:`randomize_`, for tests that need every block of their own model to matter."""
+    return randomize_
