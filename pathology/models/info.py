@@ -18,7 +18,7 @@ from torch.utils.flop_counter import FlopCounterMode
 from pathology.models.efficientformer import create_model, list_models
 from pathology.models.optimize import optimize_for_inference
 
-__all__ = ["ModelInfo", "main", "measure", "parse_mhsa_blocks"]
+__all__ = ["ModelInfo", "main", "measure", "median_seconds", "parse_mhsa_blocks"]
 
 FLOPS_PER_MAC = 2
 WARMUP_RUNS = 1
@@ -58,7 +58,8 @@ def parse_mhsa_blocks(text: str) -> dict[int, int]:
     return blocks
 
 
-def _median_seconds(model: nn.Module, x: torch.Tensor, repeats: int) -> float:
+def median_seconds(model: nn.Module, x: torch.Tensor, repeats: int) -> float:
+    """Median wall time in seconds of ``model(x)`` under ``inference_mode``, after a warm-up run."""
     with torch.inference_mode():
         for _ in range(WARMUP_RUNS):
             model(x)
@@ -88,8 +89,8 @@ def measure(model: nn.Module, img_size: tuple[int, int], *, batch_size: int = 32
     with counter, torch.inference_mode():
         fast(torch.zeros(1, 3, *img_size))
     batch = torch.randn(batch_size, 3, *img_size)
-    latency = _median_seconds(fast, batch[:1], repeats)
-    throughput = batch_size / _median_seconds(fast, batch, repeats)
+    latency = median_seconds(fast, batch[:1], repeats)
+    throughput = batch_size / median_seconds(fast, batch, repeats)
     return ModelInfo(params, counter.get_total_flops() // FLOPS_PER_MAC, latency * 1e3, throughput, batch_size)
 
 
