@@ -5,6 +5,8 @@ Regions come back as (height, width, 3) uint8 RGB arrays, transparent pixels (ou
 scanner's scanned area) composited onto white glass. Pixels are decoded by OpenSlide straight into
 a numpy buffer (``openslide.lowlevel._read_region``, present since openslide-python 1.0): the
 public ``read_region`` goes through three PIL copies that cost as much as the JPEG decoding.
+Levels of plain tiled TIFFs (Aperio, generic TIFF) are decoded by :mod:`wsi_tiling.tiff` instead,
+pixel-identical to OpenSlide and about three times faster.
 """
 from __future__ import annotations
 
@@ -20,6 +22,7 @@ import openslide
 from openslide import lowlevel
 
 from .errors import SlideOpenError, SlideReadError
+from .tiff import FAST_VENDORS, TiffTiles
 
 __all__ = ["SlideReader", "InMemorySlide", "DICOM_SUFFIX"]
 
@@ -79,6 +82,13 @@ class SlideReader:
             self._slide = openslide.OpenSlide(_resolve_path(self._path))
         except (openslide.OpenSlideError, OSError) as error:
             raise SlideOpenError(self._path, f"not a slide OpenSlide can open ({error})") from error
+        self._tiff = self._open_tiff() if self.vendor in FAST_VENDORS else None
+
+    def _open_tiff(self) -> TiffTiles | None:
+        try:
+            return TiffTiles(self._path, self._slide.level_dimensions)
+        except (ValueError, OSError):  # tifffile cannot parse it: OpenSlide alone will do
+            return None
 
     def __enter__(self) -> SlideReader:
         return self
@@ -88,8 +98,10 @@ class SlideReader:
         self.close()
 
     def close(self) -> None:
-        """Releases the OpenSlide handle."""
+        """Releases the OpenSlide (and TIFF) handles."""
         self._slide.close()
+        if self._tiff is not None:
+            self._tiff.close()
 
     @property
     def path(self) -> Path:
@@ -143,6 +155,13 @@ class SlideReader:
         Raises:
             SlideReadError: the region cannot be decoded (e.g. truncated file).
         """
+        if self._tiff is not None and self._tiff.serves(level):
+            downsample = self._slide.level_downsamples[level]
+            xy_level = (round(xy_level0[0] / downsample), round(xy_level0[1] / downsample))
+            try:
+                return self._tiff.read(level, xy_level, size_px)
+            except (ValueError, OSError, RuntimeError) as error:  # tifffile and imagecodecs errors
+                raise SlideReadError(self._path, f"cannot decode level {level} at {xy_level0} ({error})") from error
         width, height = size_px
         argb = np.empty((height, width), np.uint32)
         pointer = argb.ctypes.data_as(ctypes.POINTER(ctypes.c_uint32))

@@ -13,7 +13,8 @@ import h5py
 import numpy as np
 import pytest
 
-from wsi_tiling.cli import main
+from wsi_tiling.cli import _pooled, main
+from wsi_tiling.inputs import SlideJob
 
 KILL_TIMEOUT_S = 60
 
@@ -121,3 +122,23 @@ def test_killed_run_leaves_nothing_resume_would_trust(tmp_path: Path, stripes_sl
     assert resumed.keys() == clean.keys() == {f"s{i}" for i in range(6)}
     for name in clean:
         assert (resumed[name][0] == clean[name][0]).all() and (resumed[name][1] == clean[name][1]).all()
+
+
+class _DiesOn:
+    """A worker task that kills its own process for one slide, as a decoder crash would."""
+
+    def __init__(self, slide_id: str) -> None:
+        self.slide_id = slide_id
+
+    def __call__(self, job: SlideJob) -> list[dict[str, str]]:
+        if job.slide_id == self.slide_id:
+            os._exit(1)
+        return [{"slide_id": job.slide_id, "setting": "10x", "status": "ok"}]
+
+
+def test_a_dead_worker_is_recorded_and_the_others_finish(tmp_path: Path) -> None:
+    jobs = [SlideJob(tmp_path / f"{name}.svs", name) for name in ("a", "b", "c")]
+    rows = [row for batch in _pooled(jobs, _DiesOn("b"), 2, ["10x"]) for row in batch]
+    status = {row["slide_id"]: row["status"] for row in rows}
+    assert status == {"a": "ok", "b": "error", "c": "ok"}
+    assert "b.svs" in next(row["error"] for row in rows if row["slide_id"] == "b")

@@ -1,0 +1,87 @@
+"""Direct tile decoding for plain tiled TIFF slides (Aperio SVS, generic TIFF), 3x OpenSlide's speed.
+
+OpenSlide decodes a JPEG tile, caches it and paints it through cairo; for the formats whose pyramid
+levels are simply tiled TIFF pages, tifffile + imagecodecs (libjpeg-turbo, libdeflate) decode the
+same tiles about three times faster, and release the GIL so threads scale. Metadata still comes
+from OpenSlide; a level is served here only when exactly one tiled page has its dimensions and
+its encoding is one we decode to RGB unchanged. Everything else falls back to OpenSlide.
+"""
+from __future__ import annotations
+
+import math
+import threading
+from pathlib import Path
+
+import numpy as np
+import tifffile
+
+__all__ = ["TiffTiles", "FAST_VENDORS"]
+
+FAST_VENDORS = frozenset({"aperio", "generic-tiff"})
+_CODECS = frozenset({1, 5, 7, 8, 32946})  # none, LZW, JPEG, deflate (Adobe and old)
+_PHOTOMETRIC = frozenset({2, 6})  # RGB, YCbCr (JPEG-decoded to RGB)
+_CONTIG = 1
+GLASS = 255
+
+
+def _decodable(page: tifffile.TiffPage) -> bool:
+    return (page.is_tiled and page.samplesperpixel == 3 and page.bitspersample == 8
+            and page.planarconfig == _CONTIG and int(page.compression) in _CODECS
+            and int(page.photometric) in _PHOTOMETRIC and (int(page.photometric) == 2 or int(page.compression) == 7))
+
+
+class TiffTiles:
+    """Decodes regions of a tiled TIFF's pyramid pages; thread-safe.
+
+    Args:
+        path: the TIFF file.
+        level_dimensions: OpenSlide's (width, height) of each level, to match pages to levels.
+    """
+
+    def __init__(self, path: Path, level_dimensions: tuple[tuple[int, int], ...]) -> None:
+        self._tiff = tifffile.TiffFile(path)
+        self._lock = threading.Lock()
+        tiled = [page for page in self._tiff.pages if isinstance(page, tifffile.TiffPage) and page.is_tiled]
+        self._pages: dict[int, tifffile.TiffPage] = {}
+        for level, size in enumerate(level_dimensions):
+            same = [page for page in tiled if (page.imagewidth, page.imagelength) == tuple(size)]
+            if len(same) == 1 and _decodable(same[0]):
+                self._pages[level] = same[0]
+
+    def serves(self, level: int) -> bool:
+        """Whether ``level`` is decoded here."""
+        return level in self._pages
+
+    def close(self) -> None:
+        self._tiff.close()
+
+    def read(self, level: int, xy_level: tuple[int, int], size_px: tuple[int, int]) -> np.ndarray:
+        """(height, width, 3) uint8 RGB of a level region at level pixel ``xy_level``; outside is white.
+
+        Raises:
+            ValueError, OSError: a tile cannot be decoded (tifffile/imagecodecs errors).
+        """
+        page = self._pages[level]
+        x, y = xy_level
+        width, height = size_px
+        out = np.full((height, width, 3), GLASS, np.uint8)
+        tile_w, tile_h = page.tilewidth, page.tilelength
+        columns = math.ceil(page.imagewidth / tile_w)
+        x0, y0 = max(x, 0), max(y, 0)
+        x1, y1 = min(x + width, page.imagewidth), min(y + height, page.imagelength)
+        if x1 <= x0 or y1 <= y0:
+            return out
+        indices = [r * columns + c for r in range(y0 // tile_h, (y1 - 1) // tile_h + 1)
+                   for c in range(x0 // tile_w, (x1 - 1) // tile_w + 1)]
+        with self._lock:  # one file position: reads are serialised, decoding is not
+            segments = list(self._tiff.filehandle.read_segments(
+                [page.dataoffsets[i] for i in indices], [page.databytecounts[i] for i in indices],
+                indices=indices, sort=True))
+        for data, index in segments:
+            tile = page.decode(data, index, jpegtables=page.jpegtables)[0]
+            tile = tile.reshape(tile.shape[-3:])
+            tx, ty = (index % columns) * tile_w, (index // columns) * tile_h
+            sx0, sy0 = max(x0, tx), max(y0, ty)
+            sx1, sy1 = min(x1, tx + tile.shape[1]), min(y1, ty + tile.shape[0])
+            out[sy0 - y : sy1 - y, sx0 - x : sx1 - x] = tile[sy0 - ty : sy1 - ty, sx0 - tx : sx1 - tx]
+        return out
