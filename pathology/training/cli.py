@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import logging
 import sys
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -71,8 +72,10 @@ def fit(args: list[str]) -> FitResult:
         jsonargparse.ArgumentError: unknown key or bad value in the config or arguments.
         TileDataError: bad tiles, labels or splits; NonFiniteLossError: the loss diverged.
     """
-    cli = TrainCLI(TileClassifier, TileDataModule, args=args, run=False, subclass_mode_data=False,
-                   save_config_kwargs={"overwrite": True}, parser_kwargs={"exit_on_error": False})
+    with warnings.catch_warnings():  # args are ours on purpose; sys.argv holds the dispatcher's own
+        warnings.filterwarnings("ignore", message="LightningCLI's args parameter")
+        cli = TrainCLI(TileClassifier, TileDataModule, args=args, run=False, subclass_mode_data=False,
+                       save_config_kwargs={"overwrite": True}, parser_kwargs={"exit_on_error": False})
     trainer, datamodule = cli.trainer, cli.datamodule
     trainer.fit(cli.model, datamodule=datamodule, ckpt_path=cli.config.get("ckpt_path"))
     best = _best_checkpoint(trainer)
