@@ -15,7 +15,7 @@ import logging
 import sys
 import time
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -153,7 +153,7 @@ def _summary(checkpoint: Path, spec: ModelSpec, aggregations: Sequence[Aggregati
         "class_names": list(spec.class_names), "resolution": str(spec.resolution), "tile_size": spec.tile_size,
         "img_size": spec.img_size, "aggregations": [str(a) for a in aggregations],
         "label_aggregation": str(aggregations[0]) if calibration is None else CALIBRATED,
-        "calibration": None if calibration is None else calibration.__dict__,
+        "calibration": None if calibration is None else asdict(calibration),
         "counts": {status: statuses.count(status) for status in sorted(set(statuses))},
         "n_tiles": n_tiles, "seconds": timing,
         "tiles_per_second": n_tiles / timing["predict"] if timing.get("predict") else None,
@@ -190,7 +190,8 @@ def _finish(slides: Sequence[_Slide], predictions: TilePredictions, spec: ModelS
 
 def infer_slides(checkpoint: str | Path, slides: Sequence[str | Path], out_dir: str | Path, *,
                  aggregations: Sequence[str] = DEFAULT_AGGREGATIONS, tiles_dir: str | Path | None = None,
-                 min_tissue: float = 0.5, calibration: str | Path | None = "auto",
+                 min_tissue: float = 0.5, slide_mpp: float | None = None,
+                 calibration: str | Path | None = "auto",
                  run: RunOptions = RunOptions(), extras: Extras = Extras()) -> pd.DataFrame | None:
     """Predicts slides with a trained tile classifier and writes the run folder.
 
@@ -202,6 +203,8 @@ def infer_slides(checkpoint: str | Path, slides: Sequence[str | Path], out_dir: 
             gives the predicted label unless a calibration is applied.
         tiles_dir: where tile stores are looked up and written (default ``out_dir/tiles``).
         min_tissue: tissue fraction a tile needs when slides are tiled here.
+        slide_mpp: level-0 µm/px overriding the metadata of every slide without a CSV ``mpp``
+            (for slides whose metadata lacks it).
         calibration: a calibration JSON, ``auto`` (the checkpoint's ``.calibration.json`` if
             present) or None (argmax of the first aggregation).
         run: devices, batch size, workers, precision.
@@ -220,13 +223,12 @@ def infer_slides(checkpoint: str | Path, slides: Sequence[str | Path], out_dir: 
     model, spec = load_inference_model(checkpoint)
     loaded, methods = _load_calibration(calibration, checkpoint, spec, methods)
     jobs, problems = collect_slides(slides)
-    todo = [_Slide(job) for job in jobs]
+    todo = [_Slide(replace(job, mpp=job.mpp or slide_mpp)) for job in jobs]
     failed = [_Slide(SlideJob(p.path, p.path.stem), STATUS_ERROR, p.message) for p in problems]
-    timing = {"tiling": time.perf_counter()}
+    start = time.perf_counter()
     for slide in tqdm(todo, desc="tiling", unit="slide"):
         _tile(slide, spec, Path(tiles_dir) if tiles_dir else out_dir / "tiles", min_tissue)
-    timing["tiling"] = time.perf_counter() - timing["tiling"]
-    predictions = None
+    timing = {"tiling": time.perf_counter() - start}
     if any(s.status == STATUS_OK for s in todo):
         dataset = TileDataset(_tile_table(todo), eval_transform(spec.img_size, spec.mean, spec.std))
         start = time.perf_counter()
@@ -251,6 +253,8 @@ def _parser() -> argparse.ArgumentParser:
                         help="mean, max, topk:K (count or fraction), quantile:Q, vote; the first labels the slide")
     parser.add_argument("--tiles-dir", type=Path, help="tile stores to reuse or write (default OUT/tiles)")
     parser.add_argument("--min-tissue", type=float, default=0.5, help="tissue fraction a tile needs")
+    parser.add_argument("--slide-mpp", type=float,
+                        help="level-0 µm/px overriding the slides' metadata (a CSV mpp column wins)")
     parser.add_argument("--calibration", default="auto",
                         help="calibration JSON, 'auto' (next to the checkpoint) or 'none'")
     run = parser.add_argument_group("devices")
@@ -280,7 +284,8 @@ def main(argv: list[str]) -> int:
     calibration = None if args.calibration == "none" else args.calibration
     try:
         table = infer_slides(args.checkpoint, args.slides, args.out, aggregations=args.aggregation,
-                             tiles_dir=args.tiles_dir, min_tissue=args.min_tissue, calibration=calibration,
+                             tiles_dir=args.tiles_dir, min_tissue=args.min_tissue, slide_mpp=args.slide_mpp,
+                             calibration=calibration,
                              run=run, extras=extras)
     except (CheckpointError, ValueError) as error:
         print(f"pathology infer: {error}", file=sys.stderr)

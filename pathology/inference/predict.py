@@ -39,6 +39,7 @@ class RunOptions:
         strategy: Lightning strategy, e.g. ``ddp``; ``auto`` picks one.
         precision: ``32-true``, or e.g. ``bf16-mixed`` / ``16-mixed`` on GPUs.
         num_nodes: machines taking part.
+        progress_bar: show Lightning's progress bar while predicting.
     """
 
     batch_size: int = 64
@@ -48,6 +49,7 @@ class RunOptions:
     strategy: str = "auto"
     precision: str = "32-true"
     num_nodes: int = 1
+    progress_bar: bool = True
 
 
 @dataclass(frozen=True)
@@ -145,6 +147,7 @@ def predict_tiles(model: nn.Module, dataset: Dataset, shard_dir: str | Path, opt
     trainer = pl.Trainer(accelerator=options.accelerator, devices=options.devices, strategy=options.strategy,
                          num_nodes=options.num_nodes, precision=options.precision, logger=False,
                          enable_checkpointing=False, enable_model_summary=False,
+                         enable_progress_bar=options.progress_bar,
                          callbacks=[ShardWriter(shard_dir)])
     if trainer.is_global_zero:
         shard_dir.mkdir(parents=True, exist_ok=True)

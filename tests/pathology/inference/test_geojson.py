@@ -51,7 +51,8 @@ def test_geojson_schema_and_geometry(tmp_path) -> None:
     assert ring == [[512, 256], [1024, 256], [1024, 768], [512, 768], [512, 256]]
     assert first["properties"]["classification"]["name"] == "normal"
     assert second["properties"]["classification"]["name"] == "tumour"
-    assert second["properties"]["measurements"] == {"prob normal": pytest.approx(0.3), "prob tumour": pytest.approx(0.7)}
+    measurements = second["properties"]["measurements"]
+    assert measurements == {"prob normal": pytest.approx(0.3), "prob tumour": pytest.approx(0.7)}
     assert first["properties"]["classification"]["color"] != second["properties"]["classification"]["color"]
 
 

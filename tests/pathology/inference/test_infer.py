@@ -152,7 +152,8 @@ def test_two_processes_give_the_same_predictions(run, two_class_set, tmp_path) -
                             env={**os.environ, "OMP_NUM_THREADS": "1"})
     assert result.returncode == 0, result.stderr[-2000:]
     for slide in PREDICTED:
-        with h5py.File(run / "predictions" / f"{slide}.h5") as one, h5py.File(out / "predictions" / f"{slide}.h5") as two:
+        name = f"{slide}.h5"
+        with h5py.File(run / "predictions" / name) as one, h5py.File(out / "predictions" / name) as two:
             np.testing.assert_array_equal(one["coords"][:], two["coords"][:])
             np.testing.assert_allclose(one["probs"][:], two["probs"][:], atol=1e-5)
     single = pd.read_csv(run / "slides.csv").set_index("slide_id").loc[PREDICTED, ["mean_blue", "vote_blue"]]
