@@ -27,7 +27,7 @@ from .qc import draw_qc, write_png
 from .reader import SlideReader
 from .regions import MAX_READ_PIXELS, read_scaled
 from .resolution import ReadPlan, Resolution, plan_read
-from .store import TileStoreWriter, compress_tile
+from .store import EncodedTile, TileStoreWriter, compress_tile
 from .tissue import TissueParams, tissue_fraction, tissue_mask
 
 __all__ = ["TilingResult", "tile_slide", "setting_name", "store_path", "default_slide_id", "STATUSES"]
@@ -127,7 +127,7 @@ def _block_tiles(tile_size: int, overlap: int, resize_factor: float) -> int:
 
 
 def _read_block(slide: SlideReader, plan: ReadPlan, indices: np.ndarray, tile_size: int,
-                overlap: int) -> list[bytes]:
+                overlap: int) -> list[EncodedTile]:
     """Reads the bounding region of a block's tiles once, resizes it once, cuts and compresses tiles."""
     step = tile_size - overlap
     first, last = indices.min(axis=0), indices.max(axis=0)
@@ -139,14 +139,14 @@ def _read_block(slide: SlideReader, plan: ReadPlan, indices: np.ndarray, tile_si
     return [compress_tile(region[y : y + tile_size, x : x + tile_size]) for x, y in offsets]
 
 
-def _windowed_map(function: Callable[[np.ndarray], list[bytes]], items: list[np.ndarray],
-                  threads: int) -> Iterator[list[bytes]]:
+def _windowed_map(function: Callable[[np.ndarray], list[EncodedTile]], items: list[np.ndarray],
+                  threads: int) -> Iterator[list[EncodedTile]]:
     """``map`` over a thread pool keeping at most 2 × threads results in flight (bounded memory)."""
     if threads <= 1:
         yield from map(function, items)
         return
     with ThreadPoolExecutor(threads) as pool:
-        pending: list[Future[list[bytes]]] = []
+        pending: list[Future[list[EncodedTile]]] = []
         for item in items:
             pending.append(pool.submit(function, item))
             if len(pending) >= 2 * threads:
@@ -159,12 +159,12 @@ def _write_tiles(slide: SlideReader, plan: ReadPlan, indices: np.ndarray, tile_s
                  writer: TileStoreWriter, threads: int) -> None:
     blocks = group_into_blocks(indices, _block_tiles(tile_size, overlap, plan.resize_factor))
 
-    def read(block: np.ndarray) -> list[bytes]:
+    def read(block: np.ndarray) -> list[EncodedTile]:
         return _read_block(slide, plan, indices[block], tile_size, overlap)
 
     for block, chunks in zip(blocks, _windowed_map(read, blocks, threads)):
-        for position, chunk in zip(block, chunks):
-            writer.write_compressed(int(position), chunk)
+        for position, tile in zip(block, chunks):
+            writer.write_encoded(int(position), tile)
 
 
 def _store_attrs(slide: SlideReader, plan: ReadPlan, slide_id: str, tile_size: int, overlap: int,

@@ -21,7 +21,7 @@ def _write(path: Path, tiles: np.ndarray) -> None:
     coords = np.arange(len(tiles) * 2).reshape(-1, 2) * 4
     with TileStoreWriter(path, coords, np.linspace(0.5, 1, len(tiles)), ATTRS, tile_size=4) as writer:
         for index, tile in enumerate(tiles):
-            writer.write_compressed(index, compress_tile(tile))
+            writer.write_encoded(index, compress_tile(tile))
 
 
 def _tile_sum(reader: TileReader) -> int:
@@ -41,6 +41,19 @@ def test_store_round_trips_tiles_and_attrs(tmp_path: Path, rng: np.random.Genera
         assert file["tiles"].chunks == (1, 4, 4, 3) and file["tiles"].compression == "gzip"
     with pytest.raises(IndexError, match="a.h5"):
         reader[3]
+
+
+def test_incompressible_tiles_are_stored_raw_and_read_back(tmp_path: Path, rng: np.random.Generator) -> None:
+    noise = rng.integers(0, 256, (32, 32, 3), dtype=np.uint8)  # deflate cannot shrink noise
+    glass = np.full((32, 32, 3), 240, np.uint8)  # deflates ~100-fold
+    assert compress_tile(noise).filter_mask == 1 and len(compress_tile(noise).data) == noise.nbytes
+    assert compress_tile(glass).filter_mask == 0 and len(compress_tile(glass).data) < glass.nbytes / 10
+    path = tmp_path / "mixed.h5"
+    with TileStoreWriter(path, np.zeros((2, 2)), np.ones(2), {**ATTRS, "patch_size": 32}, tile_size=32) as writer:
+        writer.write_encoded(0, compress_tile(noise))
+        writer.write_encoded(1, compress_tile(glass))
+    with h5py.File(path) as file:
+        assert (file["tiles"][0] == noise).all() and (file["tiles"][1] == glass).all()
 
 
 def test_failed_write_leaves_no_file(tmp_path: Path) -> None:
