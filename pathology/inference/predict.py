@@ -8,6 +8,7 @@ and a run on two processes gives the same numbers as a run on one.
 from __future__ import annotations
 
 import logging
+import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -25,6 +26,10 @@ __all__ = ["RunOptions", "ShardWriter", "TilePredictor", "TilePredictions", "pre
 
 log = logging.getLogger(__name__)
 
+# Reader processes: none on a 2-core laptop (they would compete with the model's threads for the
+# same cores), up to 4 where cores are spare to overlap reading with compute.
+DEFAULT_WORKERS = min(4, max(0, (os.cpu_count() or 1) - 2))
+
 
 @dataclass(frozen=True)
 class RunOptions:
@@ -33,7 +38,7 @@ class RunOptions:
     Attributes:
         batch_size: tiles per forward pass (per device).
         num_workers: DataLoader worker processes reading and preprocessing tiles while the model
-            computes; 0 reads in the main process.
+            computes; 0 reads in the main process. Default: CPU cores − 2, at most 4.
         accelerator: ``auto``, ``cpu``, ``gpu``, ...
         devices: number of devices (or ``auto``); more than one predicts with DDP.
         strategy: Lightning strategy, e.g. ``ddp``; ``auto`` picks one.
@@ -43,7 +48,7 @@ class RunOptions:
     """
 
     batch_size: int = 64
-    num_workers: int = 2
+    num_workers: int = DEFAULT_WORKERS
     accelerator: str = "auto"
     devices: int | str = 1
     strategy: str = "auto"
