@@ -71,7 +71,7 @@ def test_tiles_equal_level0_read_and_area_resize(shared_data: Path, tmp_path: Pa
                                                   resolution: Resolution, tile_size: int, read_level: int,
                                                   min_psnr: float) -> None:
     slide_path = shared_data / "slides" / name
-    result = tile_slide(slide_path, tmp_path, resolution, tile_size, min_tissue=0.0, save_tiles=True)
+    result = tile_slide(slide_path, tmp_path, resolution, tile_size, min_tissue=0.0, save_tiles=True, threads=2)
     assert result.plan is not None and result.plan.read_level == read_level
     reader = TileReader(result.h5_path)
     footprint = round(tile_size * result.plan.target_downsample)
@@ -88,7 +88,7 @@ def test_coarse_tile_is_the_2x2_fine_tiles_under_it(stripes_slide: Path, tmp_pat
     coarse = TileReader(tile_slide(stripes_slide, tmp_path, Resolution(5, "power"), 64, min_tissue=0.0,
                                    save_tiles=True).h5_path)
     fine = TileReader(tile_slide(stripes_slide, tmp_path, Resolution(10, "power"), 64, min_tissue=0.0,
-                                 save_tiles=True).h5_path)
+                                 save_tiles=True, threads=2).h5_path)  # blocks read by two threads
     fine_at = {tuple(xy): i for i, xy in enumerate(fine.coords.tolist())}
     step = 64 * 4  # one 10x tile is 256 level-0 px on a 40x slide
     for index in range(0, len(coarse), 7):
