@@ -75,7 +75,8 @@ def fit(args: list[str]) -> FitResult:
     with warnings.catch_warnings():  # args are ours on purpose; sys.argv holds the dispatcher's own
         warnings.filterwarnings("ignore", message="LightningCLI's args parameter")
         cli = TrainCLI(TileClassifier, TileDataModule, args=args, run=False, subclass_mode_data=False,
-                       save_config_kwargs={"overwrite": True}, parser_kwargs={"exit_on_error": False})
+                       save_config_kwargs={"overwrite": True},
+                       parser_kwargs={"exit_on_error": False, "prog": "pathology train"})
     trainer, datamodule = cli.trainer, cli.datamodule
     trainer.fit(cli.model, datamodule=datamodule, ckpt_path=cli.config.get("ckpt_path"))
     best = _best_checkpoint(trainer)

@@ -56,7 +56,7 @@ def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="pathology predict-tiles", description=__doc__.splitlines()[0])
     parser.add_argument("--checkpoint", type=Path, required=True, help="trained tile classifier (.ckpt)")
     parser.add_argument("--tiles", type=Path, required=True, help="folder of tiles (class sub-folders) or CSV")
-    parser.add_argument("--out", type=Path, required=True, help="output CSV: path, label, pred, prob_<class>")
+    parser.add_argument("--out", type=Path, required=True, help="output CSV: path, label (when known), pred, prob_<class>")
     parser.add_argument("--image-root", type=Path, default=None, help="folder CSV paths are relative to")
     parser.add_argument("--path-column", default="path", help="CSV column holding image paths")
     parser.add_argument("--batch-size", type=int, default=64)
@@ -75,14 +75,15 @@ def main(argv: list[str]) -> int:
     except (CheckpointError, TileDataError) as err:
         print(f"pathology predict-tiles: {err}", file=sys.stderr)
         return 1
-    names = np.array(spec.class_names)
-    labels = table["label"].to_numpy()
-    out = pd.DataFrame({"path": table["path"], "label": np.where(labels >= 0, names[np.maximum(labels, 0)], ""),
-                        "pred": names[probs.argmax(axis=1)]})
+    names, labels = np.array(spec.class_names), table["label"].to_numpy()
+    known = labels >= 0
+    out = pd.DataFrame({"path": table["path"]})
+    if known.any():
+        out["label"] = np.where(known, names[np.maximum(labels, 0)], "")
+    out["pred"] = names[probs.argmax(axis=1)]
     out[[f"prob_{name}" for name in names]] = probs
     _write_csv(out, args.out)
     print(f"{len(out)} tiles -> {args.out}")
-    known = labels >= 0
     if known.any():
         metrics = classification_metrics(labels[known], probs[known])
         print(f"labelled tiles: {int(known.sum())}")

@@ -139,3 +139,20 @@ def test_ddp_on_two_cpu_processes(tile_folder: Path, tmp_path: Path) -> None:
     ckpt = torch.load(tmp_path / "runs/tiny/csv/version_0/checkpoints/last.ckpt", map_location="cpu",
                       weights_only=True)
     assert ckpt["global_step"] == 2 and SPEC_KEY in ckpt
+
+
+def test_predict_unlabelled_real_tiles_has_no_label_column(trained: tuple[Path, FitResult], shared_data: Path,
+                                                          tmp_path: Path) -> None:
+    # Kather's class folders (01_TUMOR, ...) are not this checkpoint's classes: labels are unknown.
+    out = tmp_path / "kather.csv"
+    assert predict_tiles.main(["--checkpoint", str(trained[1].best_checkpoint),
+                               "--tiles", str(shared_data / "tiles/kather2016_samples"), "--out", str(out)]) == 0
+    pred = pd.read_csv(out)
+    assert len(pred) == 24 and "label" not in pred.columns  # 3 tiles of each of 8 classes
+    assert set(pred["pred"]) <= {"neg", "pos"}
+
+
+def test_predict_missing_checkpoint_names_it(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    assert predict_tiles.main(["--checkpoint", str(tmp_path / "gone.ckpt"), "--tiles", str(tmp_path),
+                               "--out", str(tmp_path / "p.csv")]) == 1
+    assert "gone.ckpt" in capsys.readouterr().err
