@@ -46,7 +46,7 @@ NUCLEUS_RGB = np.array([100, 58, 145], np.float32)  # haematoxylin, the mean of 
 GRAIN_CONTRAST_RGB = np.array([48, 36, 36], np.float32)  # +/- around the nuclear mean
 HEX_SPACING_PER_RADIUS = math.sqrt(4 * math.pi / math.sqrt(3))  # hexagonal lattice with half its area in discs
 SUBPIXEL_SHIFT = 4  # cv2 drawing with 1/16-pixel precision
-MANIFEST_COLUMNS = ("slide_id", "path", "split", "chromatin", "architecture", "mpp")
+MANIFEST_COLUMNS = ("slide_id", "slide_path", "split", "chromatin", "architecture", "mpp")
 
 
 @dataclass(frozen=True)
@@ -147,7 +147,7 @@ class DemoSlide:
     """One generated slide and its labels (a row of the manifest)."""
 
     slide_id: str
-    path: Path
+    slide_path: Path
     split: str
     chromatin: str
     architecture: str
@@ -178,7 +178,7 @@ def make_demo_slides(
         nest_um: nest radius and cord width in µm.
 
     Returns:
-        The manifest path; columns ``slide_id, path, split, chromatin, architecture, mpp``.
+        The manifest path; columns ``slide_id, slide_path, split, chromatin, architecture, mpp``.
     """
     out_dir = Path(out_dir)
     (out_dir / "slides").mkdir(parents=True, exist_ok=True)
@@ -207,7 +207,7 @@ def _write_manifest(path: Path, slides: list[DemoSlide]) -> Path:
         writer = csv.writer(f)
         writer.writerow(MANIFEST_COLUMNS)
         for s in slides:
-            writer.writerow([s.slide_id, s.path.resolve(), s.split, s.chromatin, s.architecture, s.mpp])
+            writer.writerow([s.slide_id, s.slide_path.resolve(), s.split, s.chromatin, s.architecture, s.mpp])
     tmp.replace(path)
     return path
 
@@ -215,5 +215,5 @@ def _write_manifest(path: Path, slides: list[DemoSlide]) -> Path:
 def read_manifest(path: str | Path) -> list[DemoSlide]:
     """Reads a ``slides.csv`` written by :func:`make_demo_slides`."""
     with Path(path).open(newline="") as f:
-        return [DemoSlide(r["slide_id"], Path(r["path"]), r["split"], r["chromatin"], r["architecture"],
+        return [DemoSlide(r["slide_id"], Path(r["slide_path"]), r["split"], r["chromatin"], r["architecture"],
                           float(r["mpp"])) for r in csv.DictReader(f)]

@@ -1,0 +1,260 @@
+"""``pathology study --config FILE``: tile, train, evaluate and time every cell of a grid, with a cache.
+
+Layout of ``--out DIR``::
+
+    DIR/tiles/<setting>/patches/<slide_id>.h5   tile stores, one per (resolution, tile size), shared by cells
+    DIR/cells/<cell>/result.json                a finished cell: its grid point, fingerprint and metrics
+    DIR/cells/<cell>/train/  infer/             the cell's checkpoints and inference run (slides.csv, ...)
+    DIR/results.csv                             one row per cell
+    DIR/report.md, DIR/*.png                    table with means and 95 % CIs over seeds, plots
+
+A cell whose ``result.json`` exists with the same fingerprint (grid point, training files and
+arguments, slides) is read back instead of rerun, so an interrupted study resumes where it stopped
+and a cell added to the config runs alone. A failing cell is recorded and the others still run.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import h5py
+import numpy as np
+import pandas as pd
+from jsonargparse import ArgumentError
+from tqdm import tqdm
+
+from pathology.checkpoint import CheckpointError, load_inference_model
+from pathology.data import TileDataError
+from pathology.data.splits import TEST_FOLD
+from pathology.inference.evaluate import auroc
+from pathology.inference.results import PREDICTIONS_DIR, atomic_path, scores, write_json
+from pathology.models.info import measure
+from pathology.study.grid import Cell, Study, StudyConfigError, load_study
+from pathology.study.report import write_report
+from pathology.training.metrics import classification_metrics
+from pathology.training.module import NonFiniteLossError
+from wsi_tiling import WsiTilingError, setting_name, tile_slide
+
+__all__ = ["StudyError", "run_cell", "run_study", "main"]
+
+log = logging.getLogger(__name__)
+
+RESULT_JSON = "result.json"
+RESULTS_CSV = "results.csv"
+SPLITS = ("train", "val", "test")
+VAL_FOLD, TRAIN_FOLD = 0, 1
+STATUS_OK, STATUS_ERROR = "ok", "error"
+CELL_ERRORS = (WsiTilingError, TileDataError, CheckpointError, NonFiniteLossError, ArgumentError, ValueError, OSError)
+
+
+class StudyError(ValueError):
+    """A slides table the study cannot use; the message names the file."""
+
+
+def read_slides(path: Path, tasks: list[str]) -> pd.DataFrame:
+    """Reads the study's slides CSV: ``slide_id``, ``slide_path``, ``split`` and one column per task.
+
+    ``patient_id`` defaults to ``slide_id``; ``mpp`` (level-0 µm/px overriding the metadata) may be empty.
+
+    Raises:
+        StudyError: a missing column or an unknown split name.
+    """
+    df = pd.read_csv(path, dtype=str, keep_default_na=False)
+    missing = [c for c in ("slide_id", "slide_path", "split", *tasks) if c not in df.columns]
+    if missing:
+        raise StudyError(f"{path}: missing column(s) {missing}; has {list(df.columns)}")
+    bad = sorted(set(df["split"]) - set(SPLITS))
+    if bad:
+        raise StudyError(f"{path}: split must be one of {list(SPLITS)}, got {bad}")
+    if "patient_id" not in df.columns:
+        df["patient_id"] = df["slide_id"]
+    if "mpp" not in df.columns:
+        df["mpp"] = ""
+    return df
+
+
+def _tile(study: Study, cell: Cell, slides: pd.DataFrame, tiles_root: Path) -> Path:
+    """Tiles every slide at the cell's setting (reusing complete stores); returns the ``patches`` folder.
+
+    Pixels are stored in the h5 files: every cell of the setting reads them again, for each seed
+    and MHSA placement, and an h5 read is much cheaper than a slide read.
+    """
+    for row in slides.itertuples():
+        tile_slide(row.slide_path, tiles_root, cell.resolution, cell.tile_size, min_tissue=study.min_tissue,
+                   slide_mpp=float(row.mpp) if row.mpp else None, slide_id=row.slide_id, save_tiles=True,
+                   resume=True)
+    return tiles_root / setting_name(cell.resolution, cell.tile_size, 0) / "patches"
+
+
+def _write_tables(cell: Cell, slides: pd.DataFrame, cell_dir: Path) -> tuple[Path, Path]:
+    """Training labels (``H5Source`` slides CSV) and the fixed patient split, both without the test slides.
+
+    Test slides are left out of training's tables so that they are predicted once, by inference,
+    which gives both the tile-level and the slide-level metrics.
+    """
+    seen = slides[slides["split"] != "test"]
+    labels = pd.DataFrame({"slide_id": seen["slide_id"], "patient_id": seen["patient_id"],
+                           "label": seen[cell.task], "slide_path": seen["slide_path"]})
+    fold = {"train": TRAIN_FOLD, "val": VAL_FOLD}
+    splits = seen.groupby("patient_id")["split"].first().map(fold).rename("fold").reset_index()
+    paths = cell_dir / "labels.csv", cell_dir / "splits.csv"
+    for table, path in zip((labels, splits), paths):
+        with atomic_path(path) as tmp:
+            table.to_csv(tmp, index=False)
+    return paths
+
+
+def _train_args(study: Study, cell: Cell, cell_dir: Path, h5_dir: Path, labels: Path, splits: Path) -> list[str]:
+    """``pathology train`` arguments: the study's config files, then this cell's settings."""
+    args = [arg for path in study.train_configs for arg in ("--config", str(path))]
+    return args + [
+        f"--seed_everything={cell.seed}",
+        f"--trainer.default_root_dir={cell_dir / 'train'}",
+        f"--model.img_size={cell.tile_size}",
+        f"--model.mhsa_blocks={json.dumps(cell.mhsa_blocks)}",
+        "--data.source=pathology.data.H5Source",
+        f"--data.source.init_args.h5_dir={h5_dir}",
+        f"--data.source.init_args.slides_csv={labels}",
+        f"--data.class_names={json.dumps(study.tasks[cell.task])}",
+        f"--data.split_csv={splits}",
+        f"--data.tile_size={cell.tile_size}",
+        f"--data.resolution={cell.resolution}",
+        *study.train_args,
+    ]
+
+
+def _evaluate(study: Study, cell: Cell, test: pd.DataFrame, run_dir: Path, tiles_root: Path,
+              checkpoint: Path) -> dict[str, float]:
+    """Infers the test slides once; scores their tiles (each labelled as its slide) and the slides
+    (the first aggregation's scores and predicted labels)."""
+    from pathology.inference.infer import infer_slides
+    from pathology.inference.predict import RunOptions
+
+    run_dir.mkdir(parents=True, exist_ok=True)
+    slides_csv = run_dir / "test_slides.csv"
+    test[["slide_id", "slide_path", "mpp"]].to_csv(slides_csv, index=False)
+    table = infer_slides(checkpoint, [slides_csv], run_dir, aggregations=study.aggregations, tiles_dir=tiles_root,
+                         min_tissue=study.min_tissue, calibration=None,
+                         run=RunOptions(batch_size=study.infer_batch_size, num_workers=0))
+    classes = study.tasks[cell.task]
+    table = table[table["status"] == STATUS_OK].merge(test[["slide_id", cell.task]], on="slide_id")
+    labels = table[cell.task].map(classes.index).to_numpy()
+    tile_labels, tile_probs = [], []
+    for slide_id, label in zip(table["slide_id"], labels):
+        with h5py.File(run_dir / PREDICTIONS_DIR / f"{slide_id}.h5", "r") as file:
+            tile_probs.append(file["probs"][:])
+        tile_labels.append(np.full(len(tile_probs[-1]), label))
+    tile = classification_metrics(np.concatenate(tile_labels), np.concatenate(tile_probs))
+    result = {f"tile_{k}": v for k, v in tile.items() if not k.startswith("cm_")}
+    predicted = table["predicted_label"].map(classes.index).to_numpy()
+    result |= {"slide_accuracy": float(np.mean(predicted == labels)), "slide_auroc": float("nan"),
+               "n_test_tiles": int(sum(map(len, tile_labels)))}
+    if len(np.unique(labels)) == len(classes):
+        result["slide_auroc"] = auroc(labels, scores(table, study.aggregations[0], classes))
+    return result
+
+
+def _speed(checkpoint: Path, study: Study, cell: Cell) -> dict[str, float]:
+    """Parameters, MACs per tile and throughput (tiles/s) of the trained model's optimised form."""
+    model, _ = load_inference_model(checkpoint)
+    info = measure(model, (cell.tile_size, cell.tile_size), batch_size=study.speed_batch_size, repeats=3)
+    return {"params": info.params, "macs": info.macs, "throughput": info.throughput, "latency_ms": info.latency_ms}
+
+
+def run_cell(study: Study, cell: Cell, out_dir: Path) -> dict[str, Any]:
+    """Tiles, trains, evaluates (tile level on the test split, slide level by inference) and times one cell.
+
+    Returns:
+        The cell's metrics on the test slides: ``tile_*`` (every tile labelled as its slide), ``slide_accuracy``,
+        ``slide_auroc``, ``params``, ``macs``, ``throughput``, ``latency_ms``, ``*_seconds``.
+
+    Raises:
+        The typed errors of tiling, training and inference (see ``CELL_ERRORS``).
+    """
+    from pathology.training.cli import fit
+
+    cell_dir, tiles_root = out_dir / "cells" / cell.name, out_dir / "tiles"
+    slides = read_slides(study.slides_csv, list(study.tasks))
+    start = time.perf_counter()
+    h5_dir = _tile(study, cell, slides, tiles_root)
+    tiled = time.perf_counter()
+    fitted = fit(_train_args(study, cell, cell_dir, h5_dir, *_write_tables(cell, slides, cell_dir)))
+    trained = time.perf_counter()
+    metrics = _evaluate(study, cell, slides[slides["split"] == "test"], cell_dir / "infer", tiles_root,
+                        fitted.best_checkpoint)
+    inferred = time.perf_counter()
+    return {**metrics, **_speed(fitted.best_checkpoint, study, cell),
+            "tiling_seconds": tiled - start, "train_seconds": trained - tiled, "infer_seconds": inferred - trained,
+            "checkpoint": str(fitted.best_checkpoint)}
+
+
+def _cached(path: Path, fingerprint: str) -> dict[str, Any] | None:
+    """The stored row when ``path`` holds a finished result with this fingerprint, else None."""
+    try:
+        stored = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return None
+    return stored if stored.get("fingerprint") == fingerprint and stored.get("status") == STATUS_OK else None
+
+
+def run_study(study: Study, out_dir: str | Path) -> pd.DataFrame:
+    """Runs (or reads back) every cell, then writes ``results.csv`` and the report.
+
+    Returns:
+        One row per cell: grid columns, ``status`` (``ok``/``error``), ``cached`` (bool), ``error``
+        and the metrics of :func:`run_cell`.
+    """
+    out_dir = Path(out_dir)
+    rows = []
+    for cell in tqdm(study.cells, desc="study", unit="cell"):
+        path, fingerprint = out_dir / "cells" / cell.name / RESULT_JSON, study.fingerprint(cell)
+        row = _cached(path, fingerprint)
+        if row is not None:
+            rows.append({**row, "cached": True})
+            continue
+        row = {"cell": cell.name, **cell.to_dict(), "fingerprint": fingerprint}
+        try:
+            row |= {"status": STATUS_OK, **run_cell(study, cell, out_dir)}
+            write_json(path, row)
+        except CELL_ERRORS as err:
+            log.error("cell %s failed: %s", cell.name, err)
+            row |= {"status": STATUS_ERROR, "error": str(err).splitlines()[0] if str(err) else type(err).__name__}
+        rows.append({**row, "cached": False})
+    results = pd.DataFrame(rows)
+    with atomic_path(out_dir / RESULTS_CSV) as tmp:
+        results.to_csv(tmp, index=False)
+    write_report(out_dir, results)
+    return results
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="pathology study", description=__doc__.split("\n")[0])
+    parser.add_argument("--config", action="append", required=True, type=Path,
+                        help="study YAML; give it again for override files (later ones win)")
+    parser.add_argument("--out", type=Path, required=True, help="study folder (cache, results, report)")
+    parser.add_argument("--slides", type=Path, help="slides CSV replacing the config's slides_csv")
+    return parser
+
+
+def main(argv: list[str]) -> int:
+    """Entry point of ``pathology study``; prints where the report is; exit 1 if any cell failed."""
+    args = _parser().parse_args(argv)
+    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    try:
+        study = load_study(args.config, args.slides)
+        results = run_study(study, args.out)
+    except (StudyConfigError, StudyError) as err:
+        print(f"pathology study: {err}", file=sys.stderr)
+        return 2
+    failed = results[results["status"] != STATUS_OK]
+    for row in failed.itertuples():
+        print(f"pathology study: cell {row.cell} failed: {row.error}", file=sys.stderr)
+    print(f"{len(results) - len(failed)}/{len(results)} cells ok ({int(results['cached'].sum())} from cache)")
+    print(f"results: {Path(args.out) / RESULTS_CSV}")
+    print(f"report: {Path(args.out) / 'report.md'}")
+    return 1 if len(failed) else 0
