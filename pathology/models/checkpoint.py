@@ -196,7 +196,10 @@ def filter_state_dict(
     Raises:
         CheckpointError: a tensor whose shape does not fit (another architecture), or model
             weights other than new MHSA blocks and heads that the checkpoint lacks.
+        ValueError: an unknown ``bias_transfer``.
     """
+    if bias_transfer not in BIAS_TRANSFERS:
+        raise ValueError(f"bias_transfer must be one of {BIAS_TRANSFERS}, got {bias_transfer!r}")
     if any(k.startswith(("network.", "patch_embed.")) for k in state_dict):
         state_dict = snap_to_timm(state_dict, model)
     ours = model.state_dict()
@@ -215,7 +218,7 @@ def filter_state_dict(
             report.dropped_heads.append(target)
         elif target.endswith(_BIAS_TABLE):
             grid = model.stages[int(target.split(".")[1])].grid
-            out[target] = transfer_attention_biases(value, grid, bias_transfer)
+            out[target] = _transfer(value, grid, bias_transfer, source, key)
             report.reshaped.append(target)
         else:
             raise CheckpointError(f"{source}: {key} has shape {tuple(value.shape)} but the model needs "
@@ -226,6 +229,13 @@ def filter_state_dict(
         raise CheckpointError(f"{source}: lacks {len(unexplained)} weights of the model, e.g. {unexplained[0]}; "
                               f"weights for another architecture?")
     return out, report
+
+
+def _transfer(table: torch.Tensor, grid: tuple[int, int], method: str, source: str, key: str) -> torch.Tensor:
+    try:
+        return transfer_attention_biases(table, grid, method)
+    except ValueError as err:
+        raise CheckpointError(f"{source}: {key}: {err}") from err
 
 
 def _is_new(key: str, roles: dict[tuple[int, int], tuple[str, int]], model: nn.Module) -> bool:

@@ -136,6 +136,9 @@ def _write_bad(kind: str, tmp_path: Path, timm_l1_file: Path) -> Path:
     elif kind == "not an efficientformer":
         path = tmp_path / "convnet.pth"
         torch.save(nn.Sequential(nn.Conv2d(3, 8, 3)).state_dict(), path)
+    elif kind == "non-square biases":  # a 7 x 9 table cannot be told apart from 9 x 7: refuse it
+        path = tmp_path / "l1_224x288.pth"
+        torch.save(create_model("efficientformer_l1", img_size=(224, 288)).state_dict(), path)
     elif kind == "truncated":
         path = tmp_path / "truncated.pth"
         data = timm_l1_file.read_bytes()
@@ -153,8 +156,8 @@ def _write_bad(kind: str, tmp_path: Path, timm_l1_file: Path) -> Path:
 
 
 @pytest.mark.filterwarnings("ignore:Detected pickle protocol")
-@pytest.mark.parametrize("kind", ["l3 architecture", "not an efficientformer", "truncated", "truncated safetensors",
-                                  "code in pickle", "missing"])
+@pytest.mark.parametrize("kind", ["l3 architecture", "not an efficientformer", "non-square biases", "truncated",
+                                  "truncated safetensors", "code in pickle", "missing"])
 def test_bad_weights_file_names_the_file(kind: str, tmp_path: Path, timm_l1_file: Path) -> None:
     path = _write_bad(kind, tmp_path, timm_l1_file)
     with pytest.raises(CheckpointError, match=path.name):
