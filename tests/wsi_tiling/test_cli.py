@@ -142,3 +142,17 @@ def test_a_dead_worker_is_recorded_and_the_others_finish(tmp_path: Path) -> None
     status = {row["slide_id"]: row["status"] for row in rows}
     assert status == {"a": "ok", "b": "error", "c": "ok"}
     assert "b.svs" in next(row["error"] for row in rows if row["slide_id"] == "b")
+
+
+def test_tcga_slide_without_mpp_needs_slide_mpp(tmp_path: Path, shared_data: Path,
+                                                capsys: pytest.CaptureFixture[str]) -> None:
+    tcga = shared_data / "slides" / "tcga-cr-7395-01a-01-ts1.svs"
+    args = [str(tcga), "--out", str(tmp_path), "--magnification", "10", "--tile-size", "128", "--workers", "1"]
+    assert main(args) == 1
+    error = [line for line in capsys.readouterr().err.splitlines() if "error" in line]
+    assert len(error) == 1 and tcga.name in error[0] and "--slide-mpp" in error[0]
+    assert main([*args, "--slide-mpp", "0.25"]) == 0
+    row = _manifest(tmp_path)[("tcga-cr-7395-01a-01-ts1", "10x_128px_0px_overlap")]
+    # 0.25 µm/px given -> 40x derived -> 10x is a downsample of 4, read from the 2.0005x level
+    assert (row["status"], row["mpp_source"], row["read_level"]) == ("ok", "user", "1")
+    assert float(row["target_mpp"]) == pytest.approx(1.0)
