@@ -6,6 +6,7 @@ in ``__init__``, so constructing the module from YAML is cheap and reads no file
 from __future__ import annotations
 
 import logging
+import math
 from pathlib import Path
 
 import lightning as L
@@ -13,17 +14,18 @@ import numpy as np
 import pandas as pd
 from torch.utils.data import DataLoader, WeightedRandomSampler
 
+from pathology.checkpoint import IMAGENET_MEAN, IMAGENET_STD
 from pathology.data.dataset import TileDataset
-from pathology.data.errors import EmptyTileSetError
+from pathology.data.errors import EmptyTileSetError, TilingMismatchError
 from pathology.data.sources import TileSource
 from pathology.data.splits import assign_splits, check_splits, load_or_make_folds
 from pathology.data.transforms import AugmentConfig, eval_transform, train_transform
+from wsi_tiling import Resolution
 
 __all__ = ["TileDataModule"]
 
 log = logging.getLogger(__name__)
-IMAGENET_MEAN = (0.485, 0.456, 0.406)
-IMAGENET_STD = (0.229, 0.224, 0.225)
+RESOLUTION_TOLERANCE = 0.01  # relative: declared and delivered µm/px or magnification agree within 1 %
 
 
 class TileDataModule(L.LightningDataModule):
@@ -82,6 +84,7 @@ class TileDataModule(L.LightningDataModule):
         if self.tables:
             return
         table = self.source.table(self.class_names)
+        self._check_tiling(table.attrs.get("tiling"))
         table = table[table["label"] >= 0].reset_index(drop=True)
         if table.empty:
             raise EmptyTileSetError(f"{self.source.__class__.__name__}: no labelled tiles for {self.class_names}")
@@ -92,6 +95,18 @@ class TileDataModule(L.LightningDataModule):
         counts = {name: np.bincount(t["label"], minlength=len(self.class_names)).tolist()
                   for name, t in self.tables.items()}
         log.info("tiles per class and split (%s): %s", self.class_names, counts)
+
+    def _check_tiling(self, tiling: dict | None) -> None:
+        """The checkpoint records ``tile_size`` and ``resolution``: they must be what the tiles really are."""
+        if tiling is None:
+            return
+        declared = Resolution.parse(self.resolution)
+        delivered = {"mpp": tiling["mpp"], "power": tiling["power"]}.get(declared.unit)
+        same = (math.isclose(declared.value, delivered, rel_tol=RESOLUTION_TOLERANCE) if delivered is not None
+                else declared == Resolution.parse(tiling["resolution"]))
+        if tiling["tile_size"] != self.tile_size or not same:
+            raise TilingMismatchError(f"{tiling['where']}: tiles were cut at {tiling['tile_size']} px, "
+                                      f"{tiling['mpp']:g} µm/px ({tiling['power']:g}x); the config says {self.tile_size} px, {self.resolution}")
 
     def class_counts(self, split: str = "train") -> np.ndarray:
         """(C,) number of tiles of each class in ``split`` (after :meth:`setup`)."""

@@ -1,7 +1,8 @@
 """Typed errors of the tile-data layer; each message names the offending file and what is wrong."""
 from __future__ import annotations
 
-__all__ = ["TileDataError", "LabelError", "AnnotationError", "CorruptTileError", "SplitError", "EmptyTileSetError"]
+__all__ = ["TileDataError", "LabelError", "AnnotationError", "CorruptTileError", "SplitError", "EmptyTileSetError",
+           "TilingMismatchError"]
 
 
 class TileDataError(ValueError):
@@ -26,3 +27,7 @@ class SplitError(TileDataError):
 
 class EmptyTileSetError(TileDataError):
     """A tile source holds no labelled tiles."""
+
+
+class TilingMismatchError(TileDataError):
+    """Tile files were cut at another tile size or resolution than the config declares."""

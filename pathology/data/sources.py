@@ -16,6 +16,7 @@ slide_id   slide (or image folder) the tile comes from
 """
 from __future__ import annotations
 
+import json
 import re
 from abc import ABC, abstractmethod
 from pathlib import Path
@@ -24,7 +25,7 @@ import numpy as np
 import pandas as pd
 
 from pathology.data.annotations import UNLABELLED, class_coverage, labels_from_coverage, read_geojson
-from pathology.data.errors import EmptyTileSetError, LabelError
+from pathology.data.errors import EmptyTileSetError, LabelError, TilingMismatchError
 
 __all__ = ["TILE_COLUMNS", "TileSource", "ImageFolderSource", "ImageCsvSource", "H5Source", "read_table"]
 
@@ -33,7 +34,12 @@ IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".tif", ".tiff", ".bmp")
 
 
 class TileSource(ABC):
-    """A swappable source of labelled tiles (``class_path`` / ``init_args`` in YAML)."""
+    """A swappable source of labelled tiles (``class_path`` / ``init_args`` in YAML).
+
+    A source that knows how its tiles were cut records it in the table's ``attrs["tiling"]``
+    (``tile_size``, requested ``resolution``, delivered ``mpp`` and ``power``, ``where``), and the
+    DataModule checks it against the config.
+    """
 
     @abstractmethod
     def table(self, class_names: list[str]) -> pd.DataFrame:
@@ -181,10 +187,13 @@ class H5Source(TileSource):
         if missing:
             raise LabelError(f"{self.slides_csv}: slides {missing} have no tile file in {self.h5_dir}")
         slide_labels = _label_indices(slides.get("label", pd.Series([""] * len(slides))), class_names, self.slides_csv)
-        parts = []
+        parts, settings = [], set()
         for (_, row), slide_label in zip(slides.iterrows(), slide_labels):
             h5_path, slide_path = self.h5_dir / f"{row['slide_id']}.h5", self._slide_path(row)
             reader = TileReader(h5_path, slide_path or None)
+            params, attrs = json.loads(reader.attrs["params"]), reader.attrs
+            settings.add((int(params["tile_size"]), str(params["resolution"]), round(float(attrs["target_mpp"]), 4),
+                          round(float(attrs["target_magnification"]), 3)))
             labels = self._tile_labels(row["slide_id"], reader, int(slide_label), class_names)
             parts.append(pd.DataFrame({"path": str(h5_path), "tile_index": np.arange(len(labels)),
                                        "slide_path": slide_path, "label": labels, "patient_id": row["patient_id"],
@@ -192,4 +201,9 @@ class H5Source(TileSource):
         table = pd.concat(parts, ignore_index=True) if parts else pd.DataFrame(columns=TILE_COLUMNS)
         if table.empty:
             raise EmptyTileSetError(f"{self.slides_csv}: the listed slides hold no tiles in {self.h5_dir}")
+        if len(settings) > 1:
+            raise TilingMismatchError(f"{self.h5_dir}: tile files were cut at different settings {sorted(settings)}")
+        (tile_size, resolution, mpp, power), = settings
+        table.attrs["tiling"] = {"tile_size": tile_size, "resolution": resolution, "mpp": mpp, "power": power,
+                                 "where": str(self.h5_dir)}
         return table

@@ -10,7 +10,7 @@ import pandas as pd
 import pytest
 
 from pathology.data import (UNLABELLED, EmptyTileSetError, H5Source, ImageCsvSource, ImageFolderSource, LabelError,
-                            TileDataset)
+                            SplitError, TileDataModule, TileDataset, TilingMismatchError)
 from wsi_tiling import Resolution, TileReader, tile_slide
 
 IDC_CLASSES = ["non_idc", "idc"]
@@ -106,3 +106,16 @@ def test_h5_region_labels_by_coverage(stripes_h5: Path, tmp_path: Path) -> None:
     assert inside.any() and (~inside).any()
     background = H5Source(stripes_h5.parent, csv, geojson_dir=geojson_dir, background_class="other")
     np.testing.assert_array_equal(background.table(["tumour", "other"])["label"], np.where(inside, 0, 1))
+
+
+def test_datamodule_checks_the_declared_tiling_against_the_h5(stripes_h5: Path, tmp_path: Path) -> None:
+    csv = tmp_path / "slides.csv"
+    pd.DataFrame({"slide_id": ["stripes"], "patient_id": ["P1"], "label": ["a"]}).to_csv(csv, index=False)
+    source = H5Source(stripes_h5.parent, csv)
+    for tile_size, resolution in ((64, "20x"), (32, "10x")):  # the store holds 64 px tiles at 10x
+        dm = TileDataModule(source, ["a", "b"], tmp_path / "splits.csv", tile_size, resolution)
+        with pytest.raises(TilingMismatchError, match=stripes_h5.parent.name):
+            dm.setup("fit")
+    equivalent = TileDataModule(source, ["a", "b"], tmp_path / "splits.csv", 64, "1mpp", test_fraction=0)
+    with pytest.raises(SplitError):  # 10x of a 0.25 µm/px, 40x scan is 1 µm/px: the tiling check passes
+        equivalent.setup("fit")
