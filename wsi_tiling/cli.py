@@ -16,7 +16,7 @@ from collections import Counter
 from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import ProcessPoolExecutor, as_completed
 from concurrent.futures.process import BrokenProcessPool
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -124,20 +124,37 @@ class _Bound:
 def _run(jobs: list[SlideJob], options: TileOptions, workers: int) -> Iterator[list[Row]]:
     """One process per slide up to ``workers``; spare cores become threads inside each slide."""
     processes = max(1, min(workers, len(jobs)))
-    run = _Bound(TileOptions(**{**options.__dict__, "threads": max(1, workers // processes)}))
+    run = _Bound(replace(options, threads=max(1, workers // processes)))
     if processes == 1:
         return map(run, jobs)
     settings = [setting_name(r, options.tile_size, options.overlap) for r in options.resolutions]
     return _pooled(jobs, run, processes, settings)
 
 
-def _write_manifest(path: Path, rows: list[Row]) -> None:
-    partial = path.with_name(f"{path.name}.{os.getpid()}.partial")
-    with partial.open("w", newline="") as file:
-        writer = csv.DictWriter(file, fieldnames=MANIFEST_COLUMNS, restval="")
-        writer.writeheader()
-        writer.writerows(sorted(rows, key=lambda row: (row["slide_id"], row["setting"])))
-    os.replace(partial, path)
+class _Manifest:
+    """``manifest.csv``: rows appended to ``<name>.<pid>.partial`` as slides finish (a killed run
+    leaves what it did there), sorted and renamed into place at the end."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        self._partial = path.with_name(f"{path.name}.{os.getpid()}.partial")
+        self.rows: list[Row] = []
+        self._file = self._partial.open("w", newline="")
+        self._writer = csv.DictWriter(self._file, fieldnames=MANIFEST_COLUMNS, restval="")
+        self._writer.writeheader()
+
+    def add(self, rows: list[Row]) -> None:
+        self.rows.extend(rows)
+        self._writer.writerows(rows)
+        self._file.flush()
+
+    def finish(self) -> None:
+        self._file.seek(0)
+        self._file.truncate()
+        self._writer.writeheader()
+        self._writer.writerows(sorted(self.rows, key=lambda row: (row["slide_id"], row["setting"])))
+        self._file.close()
+        os.replace(self._partial, self.path)
 
 
 def _positive_int(text: str) -> int:
@@ -241,19 +258,19 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.shard is not None:
         jobs = shard(jobs, *args.shard)
     settings = [setting_name(r, options.tile_size, options.overlap) for r in options.resolutions]
-    rows = _problem_rows(problems, settings)
+    manifest = _Manifest(_manifest_path(args.out, args.shard))
+    manifest.add(_problem_rows(problems, settings))
     with tqdm(total=len(jobs), unit="slide", desc="wsi-tile", disable=None) as bar:
         for slide_rows in _run(jobs, options, args.workers):
-            rows.extend(slide_rows)
+            manifest.add(slide_rows)
             bar.update()
-    manifest = _manifest_path(args.out, args.shard)
-    _write_manifest(manifest, rows)
-    failed = [row for row in rows if row["status"] == "error"]
+    manifest.finish()
+    failed = [row for row in manifest.rows if row["status"] == "error"]
     for message in dict.fromkeys(row["error"] for row in failed):
         print(f"wsi-tile: error: {message}", file=sys.stderr)
-    counts = Counter(row["status"] for row in rows)
+    counts = Counter(row["status"] for row in manifest.rows)
     print(f"wsi-tile: {len(jobs)} slides x {len(settings)} settings: "
-          + ", ".join(f"{status} {n}" for status, n in sorted(counts.items())) + f"; manifest {manifest}")
+          + ", ".join(f"{status} {n}" for status, n in sorted(counts.items())) + f"; manifest {manifest.path}")
     return 1 if failed else 0
 
 

@@ -112,6 +112,7 @@ def test_killed_run_leaves_nothing_resume_would_trust(tmp_path: Path, stripes_sl
     os.kill(process.pid, signal.SIGKILL)
     process.wait()
     finished = _stores(tmp_path / "run")
+    assert not (tmp_path / "run" / "manifest.csv").exists()  # only a .partial with the rows done so far
     for coords, tiles in finished.values():  # whatever exists under the final name is complete
         assert len(coords) == len(tiles) > 0 and tiles[-1].any()
     assert main([*command, "--resume"]) == 0
