@@ -34,6 +34,7 @@ log = logging.getLogger("wsi_tiling")
 MANIFEST_COLUMNS = ("slide_id", "slide_path", "setting", "status", "n_tiles", "seconds", "target_mpp",
                     "slide_mpp", "mpp_source", "read_level", "resize_factor", "h5_path", "error")
 MAX_ATTEMPTS = 2  # a slide whose worker process died is retried once, alone
+MAX_THREADS_PER_SLIDE = 8  # each reading thread holds up to ~150 MB of blocks
 Row = dict[str, Any]
 
 
@@ -124,7 +125,7 @@ class _Bound:
 def _run(jobs: list[SlideJob], options: TileOptions, workers: int) -> Iterator[list[Row]]:
     """One process per slide up to ``workers``; spare cores become threads inside each slide."""
     processes = max(1, min(workers, len(jobs)))
-    run = _Bound(replace(options, threads=max(1, workers // processes)))
+    run = _Bound(replace(options, threads=min(MAX_THREADS_PER_SLIDE, max(1, workers // processes))))
     if processes == 1:
         return map(run, jobs)
     settings = [setting_name(r, options.tile_size, options.overlap) for r in options.resolutions]
