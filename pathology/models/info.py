@@ -18,7 +18,7 @@ from torch.utils.flop_counter import FlopCounterMode
 from pathology.models.efficientformer import create_model, list_models
 from pathology.models.optimize import optimize_for_inference
 
-__all__ = ["ModelInfo", "main", "measure", "median_seconds", "parse_mhsa_blocks"]
+__all__ = ["ModelInfo", "count_macs", "main", "measure", "median_seconds", "parse_mhsa_blocks"]
 
 FLOPS_PER_MAC = 2
 WARMUP_RUNS = 1
@@ -71,6 +71,16 @@ def median_seconds(model: nn.Module, x: torch.Tensor, repeats: int) -> float:
     return sorted(times)[len(times) // 2]
 
 
+def count_macs(model: nn.Module, img_size: tuple[int, int]) -> int:
+    """Multiply-accumulates of one ``(H, W)`` image through ``model`` (convolutions and matmuls)."""
+    counter = FlopCounterMode(display=False)
+    was_training = model.training
+    with counter, torch.inference_mode():
+        model.eval()(torch.zeros(1, 3, *img_size))
+    model.train(was_training)
+    return counter.get_total_flops() // FLOPS_PER_MAC
+
+
 def measure(model: nn.Module, img_size: tuple[int, int], *, batch_size: int = 32, repeats: int = 5) -> ModelInfo:
     """Counts parameters and MACs of ``model``; times its :func:`optimize_for_inference` form on CPU.
 
@@ -85,13 +95,11 @@ def measure(model: nn.Module, img_size: tuple[int, int], *, batch_size: int = 32
     """
     params = sum(p.numel() for p in model.parameters())
     fast = optimize_for_inference(model)
-    counter = FlopCounterMode(display=False)
-    with counter, torch.inference_mode():
-        fast(torch.zeros(1, 3, *img_size))
+    macs = count_macs(fast, img_size)
     batch = torch.randn(batch_size, 3, *img_size)
     latency = median_seconds(fast, batch[:1], repeats)
     throughput = batch_size / median_seconds(fast, batch, repeats)
-    return ModelInfo(params, counter.get_total_flops() // FLOPS_PER_MAC, latency * 1e3, throughput, batch_size)
+    return ModelInfo(params, macs, latency * 1e3, throughput, batch_size)
 
 
 def _parser() -> argparse.ArgumentParser:
