@@ -1,7 +1,8 @@
 """Tissue detection on a low-resolution thumbnail, with sizes in µm² so it means the same everywhere.
 
 Stained tissue is coloured and glass is grey, so the HSV saturation separates them: an Otsu
-threshold (never below a floor, so empty glass stays empty), then morphological closing and
+threshold (never below a floor, so empty glass stays empty; near-black pixels, such as a
+fluorescence scan's dark field, never count), then morphological closing and
 removal of specks and holes whose areas are given in µm². Pure functions, arrays in and out.
 """
 from __future__ import annotations
@@ -21,6 +22,8 @@ class TissueParams:
     Attributes:
         mask_mpp: µm/px of the thumbnail the mask is computed on.
         min_saturation: saturation (0-255) below which a pixel is glass whatever Otsu says.
+        min_brightness: HSV value (0-255) below which a pixel is background: the dark field of a
+            fluorescence scan, black scanner borders (their noise is "saturated").
         close_um: diameter in µm of the closing that joins nearby tissue fragments.
         min_region_um2: tissue regions smaller than this (µm²) are dropped as dust.
         max_hole_um2: holes inside tissue smaller than this (µm²) are filled.
@@ -28,6 +31,7 @@ class TissueParams:
 
     mask_mpp: float = 4.0
     min_saturation: int = 20
+    min_brightness: int = 40
     close_um: float = 16.0
     min_region_um2: float = 2_500.0
     max_hole_um2: float = 2_500.0
@@ -54,9 +58,10 @@ def tissue_mask(rgb: np.ndarray, mpp: float, params: TissueParams = TissueParams
     Returns:
         (H, W) bool, True on tissue.
     """
-    saturation = cv2.cvtColor(np.ascontiguousarray(rgb), cv2.COLOR_RGB2HSV)[..., 1]
+    hsv = cv2.cvtColor(np.ascontiguousarray(rgb), cv2.COLOR_RGB2HSV)
+    saturation = hsv[..., 1]
     otsu, _ = cv2.threshold(saturation, 0, 255, cv2.THRESH_BINARY + cv2.THRESH_OTSU)
-    mask = saturation > max(otsu, params.min_saturation)
+    mask = (saturation > max(otsu, params.min_saturation)) & (hsv[..., 2] >= params.min_brightness)
     pixel_um2 = mpp * mpp
     diameter = 2 * round(params.close_um / mpp / 2) + 1  # odd, so the closing does not shift the mask
     if diameter > 1:

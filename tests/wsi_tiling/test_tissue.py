@@ -31,6 +31,15 @@ def test_tissue_square_is_found_and_dust_dropped_by_physical_area() -> None:
     assert tissue_mask(image, mpp=20.0)[81, 81]
 
 
+def test_dark_field_is_background_and_stained_nuclei_are_tissue(rng: np.random.Generator) -> None:
+    # A fluorescence-like thumbnail: near-black noise (its hue is random, so "saturated") with a
+    # bright blue DAPI block of 30 × 30 px.
+    image = rng.integers(0, 12, (100, 100, 3)).astype(np.uint8)
+    image[40:70, 40:70] = (40, 60, 220)
+    mask = tissue_mask(image, mpp=4.0)
+    assert mask[40:70, 40:70].all() and mask.sum() == 30 * 30
+
+
 def test_small_hole_filled_large_hole_kept() -> None:
     image = _thumbnail()
     image[10:90, 10:90] = PINK
