@@ -53,6 +53,17 @@ def test_stripe_period_has_its_physical_size(stripes_slide: Path, tmp_path: Path
     assert reader.attrs["target_mpp"] == pytest.approx(target_mpp)
 
 
+def test_upsampling_when_asked_keeps_the_physical_size(stripes_slide: Path, tmp_path: Path) -> None:
+    # 80x from a 40x scan: 0.125 µm/px, so the 8 µm period spans 64 pixels.
+    result = tile_slide(stripes_slide, tmp_path, Resolution(80, "power"), 512, save_tiles=True, allow_upsample=True)
+    assert result.plan is not None and result.plan.resize_factor == 0.5
+    reader = TileReader(result.h5_path)
+    inside = np.flatnonzero(_inside_tissue_boxes(reader.coords, 512 * 0.125))
+    assert len(inside) >= 1
+    for index in inside:
+        assert _period_px(reader[index]) == pytest.approx(64.0, rel=0.01)
+
+
 def _pooled_psnr(pairs: list[tuple[np.ndarray, np.ndarray]]) -> float:
     error = np.mean([((a.astype(np.float64) - b) ** 2).mean() for a, b in pairs])
     return float("inf") if error == 0 else 10 * np.log10(255**2 / error)
