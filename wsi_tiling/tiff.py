@@ -78,6 +78,8 @@ class TiffTiles:
                 [page.dataoffsets[i] for i in indices], [page.databytecounts[i] for i in indices],
                 indices=indices, sort=True))
         for data, index in segments:
+            if not data:  # a tile the scanner never wrote: glass
+                continue
             tile = page.decode(data, index, jpegtables=page.jpegtables)[0]
             tile = tile.reshape(tile.shape[-3:])
             tx, ty = (index % columns) * tile_w, (index // columns) * tile_h
