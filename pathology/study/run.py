@@ -208,8 +208,12 @@ def run_study(study: Study, out_dir: str | Path) -> pd.DataFrame:
     Returns:
         One row per cell: grid columns, ``status`` (``ok``/``error``), ``cached`` (bool), ``error``
         and the metrics of :func:`run_cell`.
+
+    Raises:
+        StudyError: the slides CSV lacks a column or names an unknown split (checked before any cell).
     """
     out_dir = Path(out_dir)
+    read_slides(study.slides_csv, list(study.tasks))
     rows = []
     for cell in tqdm(study.cells, desc="study", unit="cell"):
         path, fingerprint = out_dir / "cells" / cell.name / RESULT_JSON, study.fingerprint(cell)

@@ -1,0 +1,85 @@
+"""``pathology study`` end to end on the tiny study: outputs, cache reuse, resume, an added cell, bad input."""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import h5py
+import pandas as pd
+import pytest
+
+from pathology.study.grid import load_study
+from pathology.study.run import RESULT_JSON, StudyError, main, read_slides, run_study
+
+N_TEST_SLIDES = 4  # one per (chromatin, architecture) pair
+
+
+def test_every_cell_is_trained_evaluated_and_timed(tiny_study) -> None:
+    configs, slides_csv, out, results = tiny_study
+    assert results["status"].tolist() == ["ok", "ok"]
+    assert results["seed"].tolist() == [0, 1]
+    assert not results["cached"].any()
+    for row in results.itertuples():
+        assert 0.0 <= row.tile_balanced_accuracy <= 1.0 and 0.0 <= row.slide_accuracy <= 1.0
+        assert row.params > 1e6 and row.macs > 0 and row.throughput > 0
+        stored = json.loads((out / "cells" / row.cell / RESULT_JSON).read_text())
+        assert stored["fingerprint"] == row.fingerprint
+        assert Path(row.checkpoint).is_file()
+        slides = pd.read_csv(out / "cells" / row.cell / "infer" / "slides.csv")
+        assert len(slides) == N_TEST_SLIDES
+    written = pd.read_csv(out / "results.csv")
+    assert written["cell"].tolist() == results["cell"].tolist()
+    assert (out / "report.md").read_text().count("| chromatin | 2.5x | 32:1 | 32 | 128 | 2 |") == 1
+
+
+def test_test_tiles_count_equals_the_tile_stores(tiny_study) -> None:
+    """Tile metrics cover every tile of the test slides, cut once and shared by both seeds."""
+    configs, slides_csv, out, results = tiny_study
+    slides = read_slides(slides_csv, ["chromatin"])
+    stores = sorted((out / "tiles").glob("*/patches/*.h5"))
+    assert len(stores) == len(slides)  # one setting (2.5x, 32 px): one store per slide for both cells
+    test_ids = set(slides.loc[slides["split"] == "test", "slide_id"])
+    n_test = 0
+    for store in stores:
+        if store.stem in test_ids:
+            with h5py.File(store, "r") as file:
+                n_test += len(file["coords"])
+    assert results["n_test_tiles"].tolist() == [n_test, n_test]
+
+
+def test_rerun_reads_every_cell_from_cache(tiny_study) -> None:
+    configs, slides_csv, out, results = tiny_study
+    before = {c: (out / "cells" / c / RESULT_JSON).stat().st_mtime_ns for c in results["cell"]}
+    again = run_study(load_study(configs, slides_csv), out)
+    assert again["cached"].all()
+    assert again["tile_balanced_accuracy"].tolist() == pytest.approx(results["tile_balanced_accuracy"].tolist())
+    assert {c: (out / "cells" / c / RESULT_JSON).stat().st_mtime_ns for c in results["cell"]} == before
+
+
+def test_interrupted_study_resumes_and_a_new_cell_runs_alone(tiny_study, tmp_path) -> None:
+    """Seed 1 lost its result (as if killed mid-cell) and seed 2 is new: only those two run."""
+    configs, slides_csv, out, results = tiny_study
+    seed0, seed1 = results["cell"]
+    (out / "cells" / seed1 / RESULT_JSON).unlink()
+    kept = (out / "cells" / seed0 / RESULT_JSON).stat().st_mtime_ns
+    override = tmp_path / "three_seeds.yaml"
+    override.write_text("grid: {seed: [0, 1, 2]}\n")
+    resumed = run_study(load_study([*configs, override], slides_csv), out)
+    assert resumed["seed"].tolist() == [0, 1, 2]
+    assert resumed["cached"].tolist() == [True, False, False]
+    assert resumed["status"].tolist() == ["ok", "ok", "ok"]
+    assert (out / "cells" / seed0 / RESULT_JSON).stat().st_mtime_ns == kept
+    assert "| 3 |" in (out / "report.md").read_text()
+
+
+def test_cli_reports_a_slides_csv_without_split(tiny_study, tmp_path, capsys) -> None:
+    configs, slides_csv, out, results = tiny_study
+    bad = tmp_path / "no_split.csv"
+    pd.read_csv(slides_csv).drop(columns=["split"]).to_csv(bad, index=False)
+    with pytest.raises(StudyError, match=r"no_split\.csv: missing column\(s\) \['split'\]"):
+        read_slides(bad, ["chromatin"])
+    code = main([*(a for c in configs for a in ("--config", str(c))), "--slides", str(bad),
+                 "--out", str(tmp_path / "out")])
+    assert code == 2  # checked before any cell runs
+    assert "no_split.csv: missing column(s) ['split']" in capsys.readouterr().err
+    assert not (tmp_path / "out" / "cells").exists()
