@@ -142,7 +142,9 @@ class TileReader(Sequence[np.ndarray]):
     """The tiles of one store as a sequence of (T, T, 3) uint8 RGB arrays.
 
     Tiles come from the stored ``tiles`` dataset when present, else are read from the slide at
-    the recorded level and resized by the recorded factor, exactly as the tiler did. Handles are
+    the recorded level and resized by the recorded factor (identical to the tiler's pixels when
+    that factor is a whole number; within a sub-pixel shift otherwise, as the tiler resizes
+    whole blocks and this reads tile by tile). Handles are
     opened lazily in the process that reads, so the object pickles into DataLoader workers
     (fork or spawn).
 
