@@ -53,6 +53,7 @@ class TileOptions:
     allow_upsample: bool
     write_thumbnail: bool
     threads: int = 1
+    progress: bool = False  # a bar per slide, only when slides run in this process
 
 
 def _error_row(job: SlideJob, setting: str, message: str) -> Row:
@@ -70,7 +71,7 @@ def tile_one_slide(job: SlideJob, options: TileOptions) -> list[Row]:
                 job.slide_path, options.out_dir, resolution, options.tile_size, overlap=options.overlap,
                 min_tissue=options.min_tissue, slide_mpp=job.mpp or options.slide_mpp, slide_id=job.slide_id,
                 save_tiles=options.save_tiles, resume=options.resume, allow_upsample=options.allow_upsample,
-                threads=options.threads, write_thumbnail=options.write_thumbnail)
+                threads=options.threads, write_thumbnail=options.write_thumbnail, progress=options.progress)
         except (WsiTilingError, OSError, ValueError, RuntimeError, MemoryError) as error:
             message = str(error) if isinstance(error, WsiTilingError) else f"{job.slide_path}: {error!r}"
             rows.append(_error_row(job, setting, message.splitlines()[0]))
@@ -125,7 +126,8 @@ class _Bound:
 def _run(jobs: list[SlideJob], options: TileOptions, workers: int) -> Iterator[list[Row]]:
     """One process per slide up to ``workers``; spare cores become threads inside each slide."""
     processes = max(1, min(workers, len(jobs)))
-    run = _Bound(replace(options, threads=min(MAX_THREADS_PER_SLIDE, max(1, workers // processes))))
+    run = _Bound(replace(options, threads=min(MAX_THREADS_PER_SLIDE, max(1, workers // processes)),
+                         progress=processes == 1))
     if processes == 1:
         return map(run, jobs)
     settings = [setting_name(r, options.tile_size, options.overlap) for r in options.resolutions]

@@ -19,6 +19,7 @@ from typing import Any
 
 import h5py
 import numpy as np
+from tqdm import tqdm
 
 from . import __version__
 from .errors import InvalidParameterError
@@ -156,15 +157,18 @@ def _windowed_map(function: Callable[[np.ndarray], list[EncodedTile]], items: li
 
 
 def _write_tiles(slide: SlideReader, plan: ReadPlan, indices: np.ndarray, tile_size: int, overlap: int,
-                 writer: TileStoreWriter, threads: int) -> None:
+                 writer: TileStoreWriter, threads: int, progress: bool) -> None:
     blocks = group_into_blocks(indices, _block_tiles(tile_size, overlap, plan.resize_factor))
 
     def read(block: np.ndarray) -> list[EncodedTile]:
         return _read_block(slide, plan, indices[block], tile_size, overlap)
 
-    for block, chunks in zip(blocks, _windowed_map(read, blocks, threads)):
-        for position, tile in zip(block, chunks):
-            writer.write_encoded(int(position), tile)
+    shown = None if progress else True  # tqdm: None = only on a terminal
+    with tqdm(total=len(indices), unit="tile", desc=writer.path.stem, leave=False, disable=shown) as bar:
+        for block, chunks in zip(blocks, _windowed_map(read, blocks, threads)):
+            for position, tile in zip(block, chunks):
+                writer.write_encoded(int(position), tile)
+            bar.update(len(block))
 
 
 def _store_attrs(slide: SlideReader, plan: ReadPlan, slide_id: str, tile_size: int, overlap: int,
@@ -196,7 +200,7 @@ def tile_slide(slide_path: str | Path, out_dir: str | Path, resolution: Resoluti
                overlap: int = 0, min_tissue: float = 0.5, slide_mpp: float | None = None,
                slide_id: str | None = None, save_tiles: bool = False, resume: bool = False,
                allow_upsample: bool = False, tissue: TissueParams = TissueParams(), threads: int = 1,
-               write_thumbnail: bool = False) -> TilingResult:
+               write_thumbnail: bool = False, progress: bool = False) -> TilingResult:
     """Tiles one slide at one resolution into ``out_dir/<setting>/patches/<slide_id>.h5``.
 
     Args:
@@ -214,6 +218,7 @@ def tile_slide(slide_path: str | Path, out_dir: str | Path, resolution: Resoluti
         tissue: tissue detection settings.
         threads: threads reading and compressing blocks of this slide.
         write_thumbnail: also write ``<setting>/thumbnails/<slide_id>.png`` (mask outline and grid).
+        progress: show a progress bar over this slide's tiles (on a terminal).
 
     Returns:
         The result; ``no-tissue`` when no tile was kept (the store then has zero rows).
@@ -245,7 +250,7 @@ def tile_slide(slide_path: str | Path, out_dir: str | Path, resolution: Resoluti
         with TileStoreWriter(h5_path, coords[keep], fraction[keep], attrs,
                              tile_size if save_tiles else None) as writer:
             if save_tiles:
-                _write_tiles(slide, plan, indices[keep], tile_size, overlap, writer, threads)
+                _write_tiles(slide, plan, indices[keep], tile_size, overlap, writer, threads, progress)
     if write_thumbnail:
         picture = draw_qc(thumbnail, mask, coords[keep], footprint, mask_scale)
         write_png(h5_path.parent.parent / "thumbnails" / f"{slide_id}.png", picture)
