@@ -3,9 +3,9 @@
 For each case, tiles/s of ``wsi-tile --save-tiles`` (all grid tiles, ``--min-tissue 0``) against
 (a) a naive loop reading each tile's level-0 footprint with ``read_region`` and area-resizing it,
 (b) the decode limit: reading every native tile of the chosen level once, with the tiler's own
-reader (1 thread, and one thread per core) and with OpenSlide's public ``read_region``. Then the peak resident memory of a child process tiling a 50,000 × 50,000
-synthetic slide. Ratios, not absolute numbers, are the result: on a shared machine the
-absolute figures move with the load.
+reader (1 thread, and one thread per core) and with OpenSlide's public ``read_region``. Then the
+peak resident memory of a child process tiling a 50,000 × 50,000 synthetic slide. Ratios, not
+absolute numbers, are the result: on a shared machine the absolute figures move with the load.
 
 Usage: python benchmarks/bench_tiling.py [--data ../shared/data] [--skip-big] [--workdir DIR]
 """

@@ -37,7 +37,8 @@ def test_bad_slides_are_recorded_and_the_rest_finish(tmp_path: Path, stripes_sli
     status = {key: row["status"] for key, row in rows.items()}
     assert status[("stripes", "10x_64px_0px_overlap")] == "ok"
     assert status[("blank", "10x_64px_0px_overlap")] == "no-tissue"
-    expected_errors = {("stripes", "80x_64px_0px_overlap"): "stripes.svs", ("blank", "80x_64px_0px_overlap"): "blank.svs",
+    expected_errors = {("stripes", "80x_64px_0px_overlap"): "stripes.svs",
+                       ("blank", "80x_64px_0px_overlap"): "blank.svs",
                        ("notes", "10x_64px_0px_overlap"): "notes.svs",
                        ("truncated", "10x_64px_0px_overlap"): "truncated.svs",
                        ("no_mpp", "10x_64px_0px_overlap"): "no_mpp.svs",
@@ -105,7 +106,8 @@ def test_killed_run_leaves_nothing_resume_would_trust(tmp_path: Path, stripes_sl
         (slides / f"s{i}.svs").symlink_to(stripes_slide)
     settings = ["--magnification", "20", "--tile-size", "128", "--save-tiles", "--workers", "1"]
     command = [str(slides), "--out", str(tmp_path / "run"), *settings]
-    process = subprocess.Popen([sys.executable, "-m", "wsi_tiling.cli", *command], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    process = subprocess.Popen([sys.executable, "-m", "wsi_tiling.cli", *command],
+                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     deadline = time.monotonic() + KILL_TIMEOUT_S
     while not list((tmp_path / "run").rglob("*.h5")) and time.monotonic() < deadline and process.poll() is None:
         time.sleep(0.01)

@@ -29,7 +29,8 @@ def test_csv_rows_with_ids_and_mpp_relative_to_the_csv(tmp_path: Path) -> None:
 
 
 @pytest.mark.parametrize(("content", "message"), [
-    ("path\nx.svs\n", "no 'slide_path' column"), ("slide_path,mpp\nx.svs,-1\n", "line 2: mpp must be a positive number"),
+    ("path\nx.svs\n", "no 'slide_path' column"),
+    ("slide_path,mpp\nx.svs,-1\n", "line 2: mpp must be a positive number"),
 ])
 def test_bad_csv_is_a_problem_naming_it(tmp_path: Path, content: str, message: str) -> None:
     (tmp_path / "bad.csv").write_text(content)
