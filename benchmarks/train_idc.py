@@ -27,8 +27,10 @@ REPO = Path(__file__).resolve().parents[1]
 PAPER = {"balanced_accuracy": 0.8423, "f1": 0.718}
 TIMED_STEPS = 3
 EVAL_COST = 1 / 3  # a validation tile costs about a third of a training tile (forward only)
-OVERHEAD_MINUTES = 1.0  # start-up, data set-up and the final test pass, outside the trainer's budget
+OVERHEAD_MINUTES = 2.0  # start-up, data set-up and the final test pass, outside the trainer's budget
 TRAIN_FRACTION = 0.6  # share of tiles in the train split (60 / 20 / 20 % of patients)
+MIN_BATCHES = 2
+TIME_SAFETY = 1.1  # the hard stop (Lightning's max_time) allows 10 % over the plan when the CPU slows down
 
 
 def seconds_per_tile(config: dict) -> float:
@@ -49,10 +51,19 @@ def seconds_per_tile(config: dict) -> float:
     return (time.perf_counter() - start) / (TIMED_STEPS * batch)
 
 
-def epochs_for_budget(train_minutes: float, tile_s: float, n_tiles: int) -> int:
-    """Whole epochs of training plus validation (a third as costly per tile) that fit the budget."""
-    epoch_s = tile_s * n_tiles * (TRAIN_FRACTION + (1 - TRAIN_FRACTION) / 2 * EVAL_COST)
-    return max(1, int(train_minutes * 60 / epoch_s))
+def plan(train_minutes: float, tile_s: float, n_tiles: int, batch: int) -> tuple[int, int | None]:
+    """Whole epochs (training plus validation) that fit the budget, so the cosine schedule ends and
+    every epoch is validated; below one epoch, one epoch cut to the training batches that fit.
+
+    Returns:
+        (max_epochs, training batches per epoch or None for all of them).
+    """
+    n_train, n_val = TRAIN_FRACTION * n_tiles, (1 - TRAIN_FRACTION) / 2 * n_tiles
+    budget_s, val_s = train_minutes * 60, tile_s * n_val * EVAL_COST
+    epoch_s = tile_s * n_train + val_s
+    if budget_s >= epoch_s:
+        return int(budget_s // epoch_s), None
+    return 1, max(MIN_BATCHES, int((budget_s - val_s) / (tile_s * batch)))
 
 
 def duration(seconds: float) -> str:
@@ -80,20 +91,24 @@ def main() -> None:
     config = yaml.safe_load(args.config.read_text())
     tile_s = seconds_per_tile(config)
     train_minutes = max(0.5, args.minutes - OVERHEAD_MINUTES - (time.perf_counter() - started) / 60)
-    epochs = epochs_for_budget(train_minutes, tile_s, args.n_tiles)
-    print(f"{1 / tile_s:.0f} training tiles/s measured; {epochs} epochs in {train_minutes:.1f} min")
-    result = fit(["--config", str(args.config), "--trainer.max_epochs", str(epochs),
-                  "--trainer.max_time", duration(train_minutes * 60),
+    epochs, batches = plan(train_minutes, tile_s, args.n_tiles, config["data"]["batch_size"])
+    print(f"{1 / tile_s:.1f} training tiles/s measured; {epochs} epoch(s) of {batches or 'all'} batches "
+          f"planned in {train_minutes:.1f} min")
+    limit = [] if batches is None else ["--trainer.limit_train_batches", str(batches)]
+    result = fit(["--config", str(args.config), "--trainer.max_epochs", str(epochs), *limit,
+                  "--trainer.max_time", duration(train_minutes * 60 * TIME_SAFETY),
                   "--trainer.default_root_dir", str(args.out), "--trainer.logger", loggers(args.out), *overrides])
     report = {
         "test": {k: result.metrics.get(f"test/{k}") for k in ("balanced_accuracy", "f1", "auroc", "accuracy")},
         "val": {k: result.metrics.get(f"val/{k}") for k in ("balanced_accuracy", "f1", "auroc")},
-        "paper": PAPER, "epochs_planned": epochs, "minutes": (time.perf_counter() - started) / 60,
+        "paper": PAPER, "epochs_planned": epochs, "batches_per_epoch": batches, "minutes": (time.perf_counter() - started) / 60,
         "best_checkpoint": str(result.best_checkpoint), "config": str(args.config),
         "machine": f"{platform.processor() or platform.machine()}, {torch.get_num_threads()} torch threads",
     }
     args.out.mkdir(parents=True, exist_ok=True)
-    (args.out / "results.json").write_text(json.dumps(report, indent=2))
+    tmp = args.out / ".results.json.tmp"
+    tmp.write_text(json.dumps(report, indent=2))
+    tmp.replace(args.out / "results.json")
     print(json.dumps(report, indent=2))
 
 
