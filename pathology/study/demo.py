@@ -24,7 +24,7 @@ import pandas as pd
 from pathology.study.demo_data import TASKS, make_demo_slides
 from pathology.study.grid import Study, StudyConfigError, load_study
 from pathology.study.report import write_report
-from pathology.study.run import STATUS_OK, StudyError, read_slides, run_study
+from pathology.study.run import STATUS_OK, StudyError, add_threads_option, apply_threads, read_slides, run_study
 
 __all__ = ["DEMO_CONFIG", "best_cells", "main"]
 
@@ -106,8 +106,10 @@ def main(argv: list[str]) -> int:
     parser.add_argument("--out", type=Path, required=True, help="output folder (reused when run again)")
     parser.add_argument("--config", action="append", type=Path,
                         help=f"study config(s) instead of {DEMO_CONFIG.name}; later files override earlier ones")
+    add_threads_option(parser)
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    apply_threads(args.threads)
     try:
         report = run_demo(args.out, args.config)
     except (StudyConfigError, StudyError) as err:

@@ -40,7 +40,7 @@ from pathology.training.metrics import classification_metrics
 from pathology.training.module import NonFiniteLossError
 from wsi_tiling import WsiTilingError, setting_name, tile_slide
 
-__all__ = ["StudyError", "run_cell", "run_study", "main"]
+__all__ = ["StudyError", "read_slides", "run_cell", "run_study", "add_threads_option", "apply_threads", "main"]
 
 log = logging.getLogger(__name__)
 
@@ -242,13 +242,29 @@ def _parser() -> argparse.ArgumentParser:
                         help="study YAML; give it again for override files (later ones win)")
     parser.add_argument("--out", type=Path, required=True, help="study folder (cache, results, report)")
     parser.add_argument("--slides", type=Path, help="slides CSV replacing the config's slides_csv")
+    add_threads_option(parser)
     return parser
+
+
+def add_threads_option(parser: argparse.ArgumentParser) -> None:
+    """``--threads N``: torch intra-op threads. On a CPU shared with other jobs, 1 avoids OpenMP
+    threads spin-waiting on each other (a training step was 5-60x slower with 2 on a busy 2-core machine)."""
+    parser.add_argument("--threads", type=int, help="torch CPU threads (default: torch's choice)")
+
+
+def apply_threads(threads: int | None) -> None:
+    """Sets torch's intra-op thread count when ``threads`` is given."""
+    if threads:
+        import torch
+
+        torch.set_num_threads(threads)
 
 
 def main(argv: list[str]) -> int:
     """Entry point of ``pathology study``; prints where the report is; exit 1 if any cell failed."""
     args = _parser().parse_args(argv)
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    apply_threads(args.threads)
     try:
         study = load_study(args.config, args.slides)
         results = run_study(study, args.out)
