@@ -138,7 +138,7 @@ def calibrate(table_scores: np.ndarray, labels: np.ndarray, class_names: Sequenc
 
 
 def _parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="pathology calibrate", description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(prog="pathology calibrate", description=__doc__.splitlines()[0].replace("``", ""))
     parser.add_argument("--predictions", type=Path, required=True, help="--out folder of 'pathology infer'")
     parser.add_argument("--labels", type=Path, required=True, help="CSV with slide_id,label")
     parser.add_argument("--checkpoint", type=Path, required=True, help="the calibration is stored next to it")

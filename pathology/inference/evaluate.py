@@ -139,7 +139,7 @@ def evaluate_run(predictions: Path, labels_csv: Path, out_dir: Path, n_resamples
 
 
 def _parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="pathology evaluate", description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(prog="pathology evaluate", description=__doc__.splitlines()[0].replace("``", ""))
     parser.add_argument("--predictions", type=Path, required=True, help="--out folder of 'pathology infer'")
     parser.add_argument("--labels", type=Path, required=True, help="CSV with slide_id,label (name or index)")
     parser.add_argument("--out", type=Path, help="output folder (default PREDICTIONS/evaluation)")

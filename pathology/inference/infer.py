@@ -245,12 +245,13 @@ def infer_slides(checkpoint: str | Path, slides: Sequence[str | Path], out_dir: 
 
 
 def _parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="pathology infer", description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(prog="pathology infer", description=__doc__.splitlines()[0].replace("``", ""))
     parser.add_argument("slides", nargs="+", help="slide files, folders of slides, or CSVs with slide_path")
     parser.add_argument("--checkpoint", type=Path, required=True)
     parser.add_argument("--out", type=Path, required=True, help="run folder")
-    parser.add_argument("--aggregation", nargs="+", default=list(DEFAULT_AGGREGATIONS),
-                        help="mean, max, topk:K (count or fraction), quantile:Q, vote; the first labels the slide")
+    parser.add_argument("--aggregation", action="append", metavar="METHOD[,METHOD...]",
+                        help="mean, max, topk:K (count or fraction), quantile:Q, vote; comma-separated or "
+                             f"repeated; the first labels the slide (default {','.join(DEFAULT_AGGREGATIONS)})")
     parser.add_argument("--tiles-dir", type=Path, help="tile stores to reuse or write (default OUT/tiles)")
     parser.add_argument("--min-tissue", type=float, default=0.5, help="tissue fraction a tile needs")
     parser.add_argument("--slide-mpp", type=float,
@@ -282,8 +283,10 @@ def main(argv: list[str]) -> int:
                      args.precision, args.num_nodes)
     extras = Extras(args.embeddings, args.heatmaps, args.geojson, args.gallery)
     calibration = None if args.calibration == "none" else args.calibration
+    aggregations = [a for text in args.aggregation for a in text.split(",") if a] if args.aggregation \
+        else list(DEFAULT_AGGREGATIONS)
     try:
-        table = infer_slides(args.checkpoint, args.slides, args.out, aggregations=args.aggregation,
+        table = infer_slides(args.checkpoint, args.slides, args.out, aggregations=aggregations,
                              tiles_dir=args.tiles_dir, min_tissue=args.min_tissue, slide_mpp=args.slide_mpp,
                              calibration=calibration,
                              run=run, extras=extras)

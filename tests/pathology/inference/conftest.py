@@ -11,6 +11,7 @@ closed form, to the nearest-class-mean rule on the embeddings of a pure pink and
 """
 from __future__ import annotations
 
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -32,8 +33,6 @@ PINK = (230, 150, 200)
 BLUE = (150, 170, 230)  # same HSV saturation as PINK
 TILE_PX = 32
 MODEL_MPP = 2.0
-TILES_PER_SLIDE = 25
-MIXED_BLUE_FRACTION = 5 / 25
 CLASSES = ("pink", "blue")
 LOGIT = 20.0
 
@@ -62,9 +61,28 @@ def _fit_heads(model: torch.nn.Module, spec: ModelSpec) -> None:
             head.bias[1] = -2 * LOGIT * direction @ (pink + blue) / 2
 
 
+@dataclass(frozen=True)
+class TwoClassSet:
+    """The written set and its known answers.
+
+    Attributes:
+        root: folder holding everything.
+        slides: folder of the six slides (pink_1, pink_2, blue_1, blue_2, mixed, blank).
+        slide: every slide by name, plus ``coarse`` (4 µm/px, outside ``slides``).
+        labels: CSV slide_id,label of the five slides with tissue (mixed labelled pink).
+        checkpoint: the tiny model's checkpoint.
+    """
+
+    root: Path
+    slides: Path
+    slide: dict[str, Path]
+    labels: Path
+    checkpoint: Path
+
+
 @pytest.fixture(scope="session")
-def two_class_set(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
-    """Slides, labels and a checkpoint; keys ``slides`` (folder), ``labels``, ``checkpoint``, plus each slide."""
+def two_class_set(tmp_path_factory: pytest.TempPathFactory) -> TwoClassSet:
+    """Slides, labels and a checkpoint that separates them, written once per session."""
     root = tmp_path_factory.mktemp("two_class")
     slides = root / "slides"
     slides.mkdir()
@@ -83,4 +101,4 @@ def two_class_set(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     model = create_model(spec.model_name, mhsa_blocks=spec.mhsa_blocks, num_classes=2, img_size=spec.img_size)
     _fit_heads(model, spec)
     checkpoint = save_checkpoint(root / "model" / "tiny.ckpt", model, spec)
-    return {"root": root, "slides": slides, "labels": labels, "checkpoint": checkpoint, **paths}
+    return TwoClassSet(root, slides, paths, labels, checkpoint)

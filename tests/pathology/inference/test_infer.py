@@ -12,7 +12,6 @@ import h5py
 import numpy as np
 import pandas as pd
 import pytest
-from conftest import MIXED_BLUE_FRACTION, TILES_PER_SLIDE
 
 from pathology.inference.calibrate import Calibration
 from pathology.inference.evaluate import main as evaluate_main
@@ -22,6 +21,8 @@ from wsi_tiling import Resolution, TileReader, tile_slide
 
 SINGLE = RunOptions(batch_size=16, num_workers=1, accelerator="cpu")
 PREDICTED = ["blue_1", "blue_2", "mixed", "pink_1", "pink_2"]
+TILES = 25  # the tissue box covers 5 x 5 tiles (see conftest)
+MIXED_BLUE = 5 / 25  # one of the mixed slide's 5 tile columns is blue
 
 
 @pytest.fixture(scope="module")
@@ -29,10 +30,10 @@ def run(two_class_set, tmp_path_factory) -> Path:
     """One CLI run over the folder, the coarse slide and a missing slide, with every extra output."""
     out = tmp_path_factory.mktemp("run")
     data = two_class_set
-    code = main([str(data["slides"]), str(data["coarse"]), str(data["root"] / "gone.svs"),
-                 "--checkpoint", str(data["checkpoint"]), "--out", str(out), "--accelerator", "cpu",
-                 "--batch-size", "16", "--num-workers", "1", "--aggregation", "mean", "max", "topk:0.1",
-                 "quantile:0.5", "vote", "--heatmaps", "--geojson", "--gallery", "2", "--embeddings"])
+    code = main([str(data.slides), str(data.slide["coarse"]), str(data.root / "gone.svs"),
+                 "--checkpoint", str(data.checkpoint), "--out", str(out), "--accelerator", "cpu",
+                 "--batch-size", "16", "--num-workers", "1", "--aggregation", "mean,max", "--aggregation",
+                 "topk:0.1,quantile:0.5,vote", "--heatmaps", "--geojson", "--gallery", "2", "--embeddings"])
     assert code == 1  # two slides failed; the others finished
     return out
 
@@ -40,13 +41,13 @@ def run(two_class_set, tmp_path_factory) -> Path:
 def test_statuses_and_errors_name_the_file(run) -> None:
     table = pd.read_csv(run / "slides.csv").set_index("slide_id")
     assert table.loc[PREDICTED, "status"].eq("ok").all()
-    assert table.loc[PREDICTED, "n_tiles"].eq(TILES_PER_SLIDE).all()  # the 5 x 5 tiles of the tissue box
+    assert table.loc[PREDICTED, "n_tiles"].eq(TILES).all()  # the 5 x 5 tiles of the tissue box
     assert table.loc["blank", "status"] == "no-tissue"
     assert table.loc["coarse", "status"] == "error" and "coarse.svs" in table.loc["coarse", "error"]
     assert table.loc["gone", "status"] == "error" and "gone.svs" in table.loc["gone", "error"]
     summary = json.loads((run / "summary.json").read_text())
     assert summary["counts"] == {"ok": 5, "no-tissue": 1, "error": 2}
-    assert summary["n_tiles"] == 5 * TILES_PER_SLIDE
+    assert summary["n_tiles"] == 5 * TILES
 
 
 def test_slide_scores_match_the_known_composition(run) -> None:
@@ -59,8 +60,8 @@ def test_slide_scores_match_the_known_composition(run) -> None:
         assert table.loc[slide, "mean_blue"] == pytest.approx(1, abs=1e-6)
     mixed = table.loc["mixed"]
     # 5 blue tiles of 25: vote and mean 0.2; the top 10 % (3 tiles) and the max are blue; the median pink
-    assert mixed["vote_blue"] == pytest.approx(MIXED_BLUE_FRACTION)
-    assert mixed["mean_blue"] == pytest.approx(MIXED_BLUE_FRACTION, abs=1e-6)
+    assert mixed["vote_blue"] == pytest.approx(MIXED_BLUE)
+    assert mixed["mean_blue"] == pytest.approx(MIXED_BLUE, abs=1e-6)
     assert mixed["topk0.1_blue"] == pytest.approx(1, abs=1e-6)
     assert mixed["max_blue"] == pytest.approx(1, abs=1e-6)
     assert mixed["quantile0.5_blue"] == pytest.approx(0, abs=1e-6)
@@ -70,7 +71,7 @@ def test_slide_scores_match_the_known_composition(run) -> None:
 def test_prediction_h5_lines_up_with_the_tile_store(run) -> None:
     with h5py.File(run / "predictions" / "mixed.h5", "r") as file:
         coords, probs = file["coords"][:], file["probs"][:]
-        assert file["embeddings"].shape == (TILES_PER_SLIDE, 448)  # L1's last stage width
+        assert file["embeddings"].shape == (TILES, 448)  # L1's last stage width
         assert json.loads(file["probs"].attrs["class_names"]) == ["pink", "blue"]
         store = TileReader(file["probs"].attrs["tile_store"])
     np.testing.assert_array_equal(coords, store.coords)
@@ -82,7 +83,7 @@ def test_prediction_h5_lines_up_with_the_tile_store(run) -> None:
 def test_pictures_and_qupath_objects(run) -> None:
     for slide in PREDICTED:
         features = json.loads((run / "geojson" / f"{slide}.geojson").read_text())["features"]
-        assert len(features) == TILES_PER_SLIDE
+        assert len(features) == TILES
         for name in ("pink", "blue"):
             assert (run / "heatmaps" / f"{slide}_{name}.png").stat().st_size > 0
             assert (run / "gallery" / f"{slide}_{name}.png").stat().st_size > 0
@@ -90,7 +91,7 @@ def test_pictures_and_qupath_objects(run) -> None:
 
 
 def test_evaluate_the_run(run, two_class_set, capsys) -> None:
-    assert evaluate_main(["--predictions", str(run), "--labels", str(two_class_set["labels"]),
+    assert evaluate_main(["--predictions", str(run), "--labels", str(two_class_set.labels),
                           "--bootstrap", "20"]) == 0
     metrics = json.loads((run / "evaluation" / "metrics.json").read_text())["methods"]
     assert metrics["mean"]["auroc"] == 1.0  # mixed (0.2) is labelled pink and ranks below both blue slides
@@ -100,18 +101,19 @@ def test_evaluate_the_run(run, two_class_set, capsys) -> None:
 def test_calibrated_threshold_decides_the_label(two_class_set, tmp_path) -> None:
     calibration = Calibration("vote", "blue", threshold=0.1, temperature=1.0, method="youden")
     path = calibration.save(tmp_path / "vote.calibration.json")
-    table = infer_slides(two_class_set["checkpoint"], [two_class_set["mixed"]], tmp_path / "out",
+    table = infer_slides(two_class_set.checkpoint, [two_class_set.slide["mixed"]], tmp_path / "out",
                          aggregations=["mean"], calibration=path, run=SINGLE).set_index("slide_id")
     # the vote share of blue, 0.2, passes the 0.1 threshold, although the mean's argmax is pink
-    assert table.loc["mixed", "calibrated_blue"] == pytest.approx(MIXED_BLUE_FRACTION)
+    assert table.loc["mixed", "calibrated_blue"] == pytest.approx(MIXED_BLUE)
     assert table.loc["mixed", "predicted_label"] == "blue"
 
 
 def test_reuses_a_store_with_matching_parameters(two_class_set, tmp_path) -> None:
     tiles = tmp_path / "tiles"
-    made = tile_slide(two_class_set["pink_1"], tiles, Resolution(2.0, "mpp"), 32, save_tiles=True, min_tissue=0.9)
+    made = tile_slide(two_class_set.slide["pink_1"], tiles, Resolution(2.0, "mpp"), 32, save_tiles=True,
+                      min_tissue=0.9)
     before = made.h5_path.stat().st_mtime_ns
-    table = infer_slides(two_class_set["checkpoint"], [two_class_set["pink_1"]], tmp_path / "out",
+    table = infer_slides(two_class_set.checkpoint, [two_class_set.slide["pink_1"]], tmp_path / "out",
                          tiles_dir=tiles, run=SINGLE)
     assert made.h5_path.stat().st_mtime_ns == before
     assert table["n_tiles"].tolist() == [made.n_tiles] and table["predicted_label"].tolist() == ["pink"]
@@ -120,11 +122,12 @@ def test_reuses_a_store_with_matching_parameters(two_class_set, tmp_path) -> Non
 def test_checkpoint_of_another_architecture(two_class_set, tmp_path, capsys) -> None:
     import torch
 
-    payload = torch.load(two_class_set["checkpoint"], weights_only=True)
+    payload = torch.load(two_class_set.checkpoint, weights_only=True)
     payload["pathology_spec"]["model_name"] = "efficientformer_l3"
     wrong = tmp_path / "wrong_arch.ckpt"
     torch.save(payload, wrong)
-    assert main([str(two_class_set["pink_1"]), "--checkpoint", str(wrong), "--out", str(tmp_path / "o")]) == 1
+    pink = str(two_class_set.slide["pink_1"])
+    assert main([pink, "--checkpoint", str(wrong), "--out", str(tmp_path / "o")]) == 1
     assert "wrong_arch.ckpt" in capsys.readouterr().err
 
 
@@ -137,17 +140,18 @@ def test_checkpoint_with_code_is_never_run(two_class_set, tmp_path, capsys, monk
     monkeypatch.chdir(tmp_path)
     evil = tmp_path / "evil.ckpt"
     evil.write_bytes(pickle.dumps({"state_dict": {}, "pathology_spec": _Exploit()}, protocol=2))
-    assert main([str(two_class_set["pink_1"]), "--checkpoint", str(evil), "--out", str(tmp_path / "o")]) == 1
+    pink = str(two_class_set.slide["pink_1"])
+    assert main([pink, "--checkpoint", str(evil), "--out", str(tmp_path / "o")]) == 1
     assert "evil.ckpt" in capsys.readouterr().err
     assert not (tmp_path / "pwned").exists()
 
 
 def test_two_processes_give_the_same_predictions(run, two_class_set, tmp_path) -> None:
     out = tmp_path / "ddp"
-    command = [sys.executable, "-m", "pathology.cli", "infer", str(two_class_set["slides"]),
-               "--checkpoint", str(two_class_set["checkpoint"]), "--out", str(out), "--accelerator", "cpu",
+    command = [sys.executable, "-m", "pathology.cli", "infer", str(two_class_set.slides),
+               "--checkpoint", str(two_class_set.checkpoint), "--out", str(out), "--accelerator", "cpu",
                "--devices", "2", "--strategy", "ddp", "--batch-size", "8", "--num-workers", "0",
-               "--tiles-dir", str(run / "tiles"), "--aggregation", "mean", "vote"]
+               "--tiles-dir", str(run / "tiles"), "--aggregation", "mean,vote"]
     result = subprocess.run(command, capture_output=True, text=True, timeout=170,
                             env={**os.environ, "OMP_NUM_THREADS": "1"})
     assert result.returncode == 0, result.stderr[-2000:]
@@ -164,7 +168,7 @@ def test_two_processes_give_the_same_predictions(run, two_class_set, tmp_path) -
 def test_real_slides_missing_resolution_then_given(shared_data, two_class_set, tmp_path) -> None:
     cmu = shared_data / "slides" / "CMU-1-Small-Region.svs"
     tcga = shared_data / "slides" / "tcga-cr-7395-01a-01-ts1.svs"  # no µm/px in its metadata
-    table = infer_slides(two_class_set["checkpoint"], [cmu, tcga], tmp_path / "out", aggregations=["mean"],
+    table = infer_slides(two_class_set.checkpoint, [cmu, tcga], tmp_path / "out", aggregations=["mean"],
                          run=SINGLE).set_index("slide_id")
     assert table.loc["CMU-1-Small-Region", "status"] == "ok"
     assert table.loc["tcga-cr-7395-01a-01-ts1", "status"] == "error"
@@ -178,5 +182,6 @@ def test_real_slides_missing_resolution_then_given(shared_data, two_class_set, t
     # the fix the error names: give the µm/px, here in a CSV
     listing = tmp_path / "slides.csv"
     pd.DataFrame({"slide_path": [str(tcga)], "mpp": [0.25]}).to_csv(listing, index=False)
-    again = infer_slides(two_class_set["checkpoint"], [listing], tmp_path / "out2", aggregations=["mean"], run=SINGLE)
+    again = infer_slides(two_class_set.checkpoint, [listing], tmp_path / "out2", aggregations=["mean"],
+                         run=SINGLE)
     assert again["status"].tolist() == ["ok"] and again["n_tiles"].iloc[0] > 0
