@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import math
 import threading
+from collections import OrderedDict
 from pathlib import Path
 
 import numpy as np
@@ -22,6 +23,7 @@ _CODECS = frozenset({1, 5, 7, 8, 32946})  # none, LZW, JPEG, deflate (Adobe and 
 _PHOTOMETRIC = frozenset({2, 6})  # RGB, YCbCr (JPEG-decoded to RGB)
 _CONTIG = 1
 GLASS = 255
+CACHE_BYTES = 128 * 2**20  # decoded tiles kept: a single-level slide's thumbnail pass feeds its tiling
 
 
 def _decodable(page: tifffile.TiffPage) -> bool:
@@ -43,6 +45,8 @@ class TiffTiles:
         self._lock = threading.Lock()
         tiled = [page for page in self._tiff.pages if isinstance(page, tifffile.TiffPage) and page.is_tiled]
         self._pages: dict[int, tifffile.TiffPage] = {}
+        self._cache: OrderedDict[tuple[int, int], np.ndarray] = OrderedDict()
+        self._cached_bytes = 0
         for level, size in enumerate(level_dimensions):
             same = [page for page in tiled if (page.imagewidth, page.imagelength) == tuple(size)]
             if len(same) == 1 and _decodable(same[0]):
@@ -73,17 +77,39 @@ class TiffTiles:
             return out
         indices = [r * columns + c for r in range(y0 // tile_h, (y1 - 1) // tile_h + 1)
                    for c in range(x0 // tile_w, (x1 - 1) // tile_w + 1)]
-        with self._lock:  # one file position: reads are serialised, decoding is not
-            segments = list(self._tiff.filehandle.read_segments(
-                [page.dataoffsets[i] for i in indices], [page.databytecounts[i] for i in indices],
-                indices=indices, sort=True))
-        for data, index in segments:
-            if not data:  # a tile the scanner never wrote: glass
-                continue
-            tile = page.decode(data, index, jpegtables=page.jpegtables)[0]
-            tile = tile.reshape(tile.shape[-3:])
+        for index, tile in self._tiles(level, indices):
             tx, ty = (index % columns) * tile_w, (index // columns) * tile_h
             sx0, sy0 = max(x0, tx), max(y0, ty)
             sx1, sy1 = min(x1, tx + tile.shape[1]), min(y1, ty + tile.shape[0])
             out[sy0 - y : sy1 - y, sx0 - x : sx1 - x] = tile[sy0 - ty : sy1 - ty, sx0 - tx : sx1 - tx]
         return out
+
+    def _tiles(self, level: int, indices: list[int]) -> list[tuple[int, np.ndarray]]:
+        """Decoded (index, (h, w, 3) tile) pairs, from the cache or the file; unwritten tiles are skipped."""
+        page = self._pages[level]
+        with self._lock:  # one file position and one cache: reads are serialised, decoding is not
+            found = [(i, self._cache[(level, i)]) for i in indices if (level, i) in self._cache]
+            missing = [i for i in indices if (level, i) not in self._cache]
+            segments = list(self._tiff.filehandle.read_segments(
+                [page.dataoffsets[i] for i in missing], [page.databytecounts[i] for i in missing],
+                indices=missing, sort=True)) if missing else []
+        decoded = []
+        for data, index in segments:
+            if not data:  # a tile the scanner never wrote: glass
+                continue
+            tile = page.decode(data, index, jpegtables=page.jpegtables)[0]
+            decoded.append((index, tile.reshape(tile.shape[-3:])))
+        with self._lock:
+            for index, tile in decoded:
+                self._remember((level, index), tile)
+        return found + decoded
+
+    def _remember(self, key: tuple[int, int], tile: np.ndarray) -> None:
+        """Keeps a decoded tile, dropping the least recently stored beyond :data:`CACHE_BYTES`."""
+        if key in self._cache:
+            return
+        self._cache[key] = tile
+        self._cached_bytes += tile.nbytes
+        while self._cached_bytes > CACHE_BYTES:
+            _, dropped = self._cache.popitem(last=False)
+            self._cached_bytes -= dropped.nbytes
