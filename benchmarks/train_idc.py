@@ -8,6 +8,7 @@ and AUROC next to the paper's (Cruz-Roa et al. 2014: balanced accuracy 0.8423, F
 
     python benchmarks/train_idc.py --minutes 30            # the reported run
     python benchmarks/train_idc.py --minutes 2 --out runs/idc_smoke
+    python benchmarks/train_idc.py --minutes 30 --img-size 32 --out runs/idc_32px   # more epochs per minute
 """
 from __future__ import annotations
 
@@ -86,9 +87,14 @@ def main() -> None:
     parser.add_argument("--config", type=Path, default=REPO / "configs" / "train_idc.yaml")
     parser.add_argument("--out", type=Path, default=Path("runs/idc"), help="logs, checkpoints, results.json")
     parser.add_argument("--n-tiles", type=int, default=7431, help="tiles in the set (IDC: 7,431)")
+    parser.add_argument("--img-size", type=int, default=None,
+                        help="model input edge (multiple of 32), overriding the config's; 32 is ~3x faster than 64")
     args, overrides = parser.parse_known_args()
     started = time.perf_counter()
     config = yaml.safe_load(args.config.read_text())
+    if args.img_size is not None:
+        config["model"]["img_size"] = args.img_size
+        overrides = ["--model.img_size", str(args.img_size), *overrides]
     tile_s = seconds_per_tile(config)
     train_minutes = max(0.5, args.minutes - OVERHEAD_MINUTES - (time.perf_counter() - started) / 60)
     epochs, batches = plan(train_minutes, tile_s, args.n_tiles, config["data"]["batch_size"])
@@ -103,6 +109,7 @@ def main() -> None:
         "val": {k: result.metrics.get(f"val/{k}") for k in ("balanced_accuracy", "f1", "auroc")},
         "paper": PAPER, "epochs_planned": epochs, "batches_per_epoch": batches, "minutes": (time.perf_counter() - started) / 60,
         "best_checkpoint": str(result.best_checkpoint), "config": str(args.config),
+        "img_size": config["model"]["img_size"], "training_tiles_per_s": 1 / tile_s,
         "machine": f"{platform.processor() or platform.machine()}, {torch.get_num_threads()} torch threads",
     }
     args.out.mkdir(parents=True, exist_ok=True)
