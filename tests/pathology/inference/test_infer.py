@@ -185,3 +185,20 @@ def test_real_slides_missing_resolution_then_given(shared_data, two_class_set, t
     again = infer_slides(two_class_set.checkpoint, [listing], tmp_path / "out2", aggregations=["mean"],
                          run=SINGLE)
     assert again["status"].tolist() == ["ok"] and again["n_tiles"].iloc[0] > 0
+
+
+def test_lightning_checkpoint_of_the_training_module(two_class_set, tmp_path) -> None:
+    import lightning as L
+
+    from pathology.checkpoint import load_inference_model
+    from pathology.training.module import TileClassifier
+
+    tiny, _ = load_inference_model(two_class_set.checkpoint)
+    module = TileClassifier(["pink", "blue"], tile_size=32, resolution="2.00mpp", img_size=32)
+    module.model.load_state_dict(tiny.state_dict())
+    trainer = L.Trainer(accelerator="cpu", logger=False, enable_checkpointing=False, enable_model_summary=False)
+    trainer.strategy.connect(module)
+    trainer.save_checkpoint(tmp_path / "last.ckpt")  # as ModelCheckpoint writes it during training
+    table = infer_slides(tmp_path / "last.ckpt", [two_class_set.slide["mixed"]], tmp_path / "out",
+                         aggregations=["vote"], run=SINGLE)
+    assert table["vote_blue"].iloc[0] == pytest.approx(MIXED_BLUE)
