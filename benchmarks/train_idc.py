@@ -77,7 +77,8 @@ def duration(seconds: float) -> str:
 def loggers(out: Path) -> str:
     """The config's CSV and TensorBoard loggers, writing under ``out`` (a JSON list for the CLI)."""
     kinds = {"csv": "CSVLogger", "tensorboard": "TensorBoardLogger"}
-    return json.dumps([{"class_path": f"lightning.pytorch.loggers.{cls}", "init_args": {"save_dir": str(out), "name": name}}
+    return json.dumps([{"class_path": f"lightning.pytorch.loggers.{cls}",
+                        "init_args": {"save_dir": str(out), "name": name}}
                        for name, cls in kinds.items()])
 
 
@@ -107,7 +108,8 @@ def main() -> None:
     report = {
         "test": {k: result.metrics.get(f"test/{k}") for k in ("balanced_accuracy", "f1", "auroc", "accuracy")},
         "val": {k: result.metrics.get(f"val/{k}") for k in ("balanced_accuracy", "f1", "auroc")},
-        "paper": PAPER, "epochs_planned": epochs, "batches_per_epoch": batches, "minutes": (time.perf_counter() - started) / 60,
+        "paper": PAPER, "epochs_planned": epochs, "batches_per_epoch": batches,
+        "minutes": (time.perf_counter() - started) / 60,
         "best_checkpoint": str(result.best_checkpoint), "config": str(args.config),
         "img_size": config["model"]["img_size"], "training_tiles_per_s": 1 / tile_s,
         "machine": f"{platform.processor() or platform.machine()}, {torch.get_num_threads()} torch threads",

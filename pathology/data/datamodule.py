@@ -92,8 +92,7 @@ class TileDataModule(L.LightningDataModule):
         split = assign_splits(table, folds, self.val_fold)
         check_splits(table, split, self.split_csv)
         self.tables = {name: table[split == name].reset_index(drop=True) for name in ("train", "val", "test")}
-        counts = {name: np.bincount(t["label"], minlength=len(self.class_names)).tolist()
-                  for name, t in self.tables.items()}
+        counts = {name: self.class_counts(name).tolist() for name in self.tables}
         log.info("tiles per class and split (%s): %s", self.class_names, counts)
 
     def _check_tiling(self, tiling: dict | None) -> None:
@@ -106,7 +105,8 @@ class TileDataModule(L.LightningDataModule):
                 else declared == Resolution.parse(tiling["resolution"]))
         if tiling["tile_size"] != self.tile_size or not same:
             raise TilingMismatchError(f"{tiling['where']}: tiles were cut at {tiling['tile_size']} px, "
-                                      f"{tiling['mpp']:g} µm/px ({tiling['power']:g}x); the config says {self.tile_size} px, {self.resolution}")
+                                      f"{tiling['mpp']:g} µm/px ({tiling['power']:g}x); "
+                                      f"the config says {self.tile_size} px, {self.resolution}")
 
     def class_counts(self, split: str = "train") -> np.ndarray:
         """(C,) number of tiles of each class in ``split`` (after :meth:`setup`)."""

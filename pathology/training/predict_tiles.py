@@ -56,7 +56,8 @@ def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="pathology predict-tiles", description=__doc__.splitlines()[0])
     parser.add_argument("--checkpoint", type=Path, required=True, help="trained tile classifier (.ckpt)")
     parser.add_argument("--tiles", type=Path, required=True, help="folder of tiles (class sub-folders) or CSV")
-    parser.add_argument("--out", type=Path, required=True, help="output CSV: path, label (when known), pred, prob_<class>")
+    parser.add_argument("--out", type=Path, required=True,
+                        help="output CSV: path, label (when known), pred, prob_<class>")
     parser.add_argument("--image-root", type=Path, default=None, help="folder CSV paths are relative to")
     parser.add_argument("--path-column", default="path", help="CSV column holding image paths")
     parser.add_argument("--batch-size", type=int, default=64)

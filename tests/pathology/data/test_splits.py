@@ -54,7 +54,8 @@ def test_split_file_for_other_patients_is_refused(tmp_path: Path) -> None:
 
 def test_patient_listed_twice_is_refused(tmp_path: Path) -> None:
     path = tmp_path / "twice.csv"
-    pd.DataFrame({"patient_id": [f"p{p}" for p in range(20)] + ["p3"], "fold": [0] * 20 + [1]}).to_csv(path, index=False)
+    patients = [f"p{p}" for p in range(20)] + ["p3"]
+    pd.DataFrame({"patient_id": patients, "fold": [0] * 20 + [1]}).to_csv(path, index=False)
     with pytest.raises(SplitError, match="twice.csv.*p3"):
         load_or_make_folds(path, _table())
 
