@@ -1,6 +1,6 @@
 """The files an inference run writes, and how evaluation and calibration read them back.
 
-Layout of an ``pathology infer --out DIR`` folder::
+Layout of a ``pathology infer --out DIR`` folder::
 
     DIR/slides.csv                  one row per slide: scores, predicted label, status
     DIR/summary.json                model, classes, aggregations, calibration, counts, speed
