@@ -39,3 +39,14 @@ def test_gallery_has_a_panel_per_tile(tmp_path) -> None:
     assert image.shape[0] > image.shape[1] / 4  # two rows of four columns
     for grey in (60, 120, 180):  # every tile is drawn as a solid square of its grey
         assert np.all(np.abs(image - grey / 255) < 0.01, axis=-1).sum() > 1000
+
+
+def test_slide_thumbnail_keeps_geometry_and_colour(two_class_set) -> None:
+    from pathology.inference.heatmap import slide_thumbnail
+
+    thumbnail, size_level0 = slide_thumbnail(two_class_set.slide["mixed"], max_side_px=256)
+    assert size_level0 == (1024, 1024) and thumbnail.shape == (256, 256, 3)  # downsample 4
+    # tissue spans level-0 256..896 px, i.e. 64..224 in the thumbnail; blue from 768, i.e. 192
+    np.testing.assert_array_equal(thumbnail[100, 100], (230, 150, 200))
+    np.testing.assert_array_equal(thumbnail[100, 210], (150, 170, 230))
+    np.testing.assert_array_equal(thumbnail[30, 30], (240, 240, 240))
