@@ -9,7 +9,7 @@ import h5py
 import numpy as np
 import openslide
 import pytest
-from conftest import STRIPES_MPP, STRIPES_PERIOD_UM, STRIPES_TISSUE_UM
+from tests.conftest import STRIPES_MPP, STRIPES_PERIOD_UM, STRIPES_TISSUE_UM
 
 from wsi_tiling import (InvalidParameterError, MissingResolutionError, OutputError, Resolution,
                         ResolutionUnavailableError, SlideOpenError, SlideReadError, TileReader,
