@@ -21,12 +21,15 @@ from pathlib import Path
 
 import pandas as pd
 
+from pathology.inference.infer import infer_slides
+from pathology.inference.outputs import Extras
+from pathology.inference.predict import RunOptions
 from pathology.study.demo_data import TASKS, make_demo_slides
 from pathology.study.grid import Study, StudyConfigError, load_study
 from pathology.study.report import write_report
 from pathology.study.run import STATUS_OK, StudyError, add_threads_option, apply_threads, read_slides, run_study
 
-__all__ = ["DEMO_CONFIG", "best_cells", "main"]
+__all__ = ["DEMO_CONFIG", "best_cells", "run_demo", "main"]
 
 DEMO_CONFIG = Path(__file__).resolve().parents[2] / "configs" / "study_demo.yaml"
 SLIDE_UM = (512.0, 512.0)
@@ -57,10 +60,6 @@ def best_cells(results: pd.DataFrame, metric: str = SELECT_METRIC) -> dict[str, 
 
 def _infer_best(study: Study, results: pd.DataFrame, out_dir: Path) -> list[str]:
     """Predicts the test slides with each task's best cell (heatmaps, GeoJSON); returns report lines."""
-    from pathology.inference.infer import infer_slides
-    from pathology.inference.outputs import Extras
-    from pathology.inference.predict import RunOptions
-
     slides = read_slides(study.slides_csv, list(study.tasks))
     test = slides[slides["split"] == "test"]
     lines = ["## Heatmaps of each task's best cell", ""]

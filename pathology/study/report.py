@@ -25,12 +25,15 @@ __all__ = ["GROUP_COLUMNS", "REPORT_METRICS", "mean_ci", "summarise", "markdown_
 
 GROUP_COLUMNS = ["task", "resolution", "mhsa_blocks", "tile_size"]
 REPORT_METRICS = ["tile_balanced_accuracy", "tile_auroc", "slide_accuracy", "slide_auroc", "throughput"]
+UNBOUNDED_ABOVE = {"throughput"}  # every other report metric is a fraction in [0, 1]
 CI_LEVEL = 0.95
 PLOT_METRIC = "tile_balanced_accuracy"
 
 
-def mean_ci(values: Sequence[float], level: float = CI_LEVEL) -> tuple[float, float, float]:
-    """(mean, low, high) of a Student-t interval; NaN bounds for fewer than two finite values."""
+def mean_ci(values: Sequence[float], level: float = CI_LEVEL, bounds: tuple[float, float] = (-np.inf, np.inf)
+            ) -> tuple[float, float, float]:
+    """(mean, low, high) of a Student-t interval clipped to ``bounds`` (a metric's possible range);
+    NaN bounds for fewer than two finite values."""
     x = np.asarray([v for v in values if np.isfinite(v)], dtype=float)
     if len(x) == 0:
         return float("nan"), float("nan"), float("nan")
@@ -38,7 +41,7 @@ def mean_ci(values: Sequence[float], level: float = CI_LEVEL) -> tuple[float, fl
     if len(x) < 2:
         return mean, float("nan"), float("nan")
     half = float(stats.t.ppf((1 + level) / 2, len(x) - 1) * x.std(ddof=1) / np.sqrt(len(x)))
-    return mean, mean - half, mean + half
+    return mean, max(mean - half, bounds[0]), min(mean + half, bounds[1])
 
 
 def _field_of_view_um(rows: pd.DataFrame) -> pd.Series:
@@ -49,7 +52,8 @@ def _field_of_view_um(rows: pd.DataFrame) -> pd.Series:
 
 def summarise(results: pd.DataFrame, metrics: Sequence[str] = REPORT_METRICS) -> pd.DataFrame:
     """One row per grid point (seeds pooled): ``n_seeds``, and ``<metric>``, ``<metric>_low``,
-    ``<metric>_high`` for each metric present. Failed cells are left out."""
+    ``<metric>_high`` for each metric present (intervals clipped to [0, 1], throughput to >= 0).
+    Failed cells are left out."""
     ok = results[results["status"] == "ok"]
     present = [m for m in metrics if m in ok.columns]
     rows = []
@@ -57,7 +61,9 @@ def summarise(results: pd.DataFrame, metrics: Sequence[str] = REPORT_METRICS) ->
         row = dict(zip(GROUP_COLUMNS, key)) | {"n_seeds": len(group)}
         row["field_um"] = float(_field_of_view_um(group).iloc[0]) if "unit" in group else float("nan")
         for metric in present:
-            row[metric], row[f"{metric}_low"], row[f"{metric}_high"] = mean_ci(group[metric].astype(float))
+            bounds = (0.0, np.inf if metric in UNBOUNDED_ABOVE else 1.0)
+            row[metric], row[f"{metric}_low"], row[f"{metric}_high"] = mean_ci(group[metric].astype(float),
+                                                                                bounds=bounds)
         rows.append(row)
     return pd.DataFrame(rows)
 

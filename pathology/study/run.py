@@ -32,10 +32,13 @@ from pathology.checkpoint import CheckpointError, load_inference_model
 from pathology.data import TileDataError
 from pathology.data.splits import TEST_FOLD
 from pathology.inference.evaluate import auroc
+from pathology.inference.infer import infer_slides
+from pathology.inference.predict import RunOptions
 from pathology.inference.results import PREDICTIONS_DIR, atomic_path, scores, write_json
 from pathology.models.info import measure
 from pathology.study.grid import Cell, Study, StudyConfigError, load_study
 from pathology.study.report import write_report
+from pathology.training.cli import fit
 from pathology.training.metrics import classification_metrics
 from pathology.training.module import NonFiniteLossError
 from wsi_tiling import WsiTilingError, setting_name, tile_slide
@@ -132,9 +135,6 @@ def _evaluate(study: Study, cell: Cell, test: pd.DataFrame, run_dir: Path, tiles
               checkpoint: Path) -> dict[str, float]:
     """Infers the test slides once; scores their tiles (each labelled as its slide) and the slides
     (the first aggregation's scores and predicted labels)."""
-    from pathology.inference.infer import infer_slides
-    from pathology.inference.predict import RunOptions
-
     run_dir.mkdir(parents=True, exist_ok=True)
     slides_csv = run_dir / "test_slides.csv"
     test[["slide_id", "slide_path", "mpp"]].to_csv(slides_csv, index=False)
@@ -176,8 +176,6 @@ def run_cell(study: Study, cell: Cell, out_dir: Path) -> dict[str, Any]:
     Raises:
         The typed errors of tiling, training and inference (see ``CELL_ERRORS``).
     """
-    from pathology.training.cli import fit
-
     cell_dir, tiles_root = out_dir / "cells" / cell.name, out_dir / "tiles"
     slides = read_slides(study.slides_csv, list(study.tasks))
     start = time.perf_counter()

@@ -20,6 +20,14 @@ def test_mean_ci_of_three_values_by_hand() -> None:
     assert mean - low == pytest.approx(T_975_DF2 / math.sqrt(3))
 
 
+def test_mean_ci_is_clipped_to_the_metric_range() -> None:
+    """[0.9, 1.0]: half width t(0.975, 1) * 0.0707 / sqrt(2) = 0.635, so the upper bound stops at 1."""
+    mean, low, high = mean_ci([0.9, 1.0], bounds=(0.0, 1.0))
+    assert mean == pytest.approx(0.95)
+    assert low == pytest.approx(0.95 - 12.706204736 * math.sqrt(0.005) / math.sqrt(2))
+    assert high == 1.0
+
+
 def test_mean_ci_of_one_value_has_no_interval() -> None:
     mean, low, high = mean_ci([0.7, float("nan")])
     assert mean == 0.7 and math.isnan(low) and math.isnan(high)
