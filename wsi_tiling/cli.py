@@ -24,6 +24,7 @@ from tqdm import tqdm
 
 from .errors import WsiTilingError
 from .inputs import InputProblem, SlideJob, collect_slides, parse_shard, shard
+from .qc import draw_tiling_qc, write_png
 from .resolution import Resolution
 from .tiler import setting_name, tile_slide
 
@@ -35,6 +36,7 @@ MANIFEST_COLUMNS = ("slide_id", "slide_path", "setting", "status", "n_tiles", "s
                     "slide_mpp", "mpp_source", "read_level", "resize_factor", "h5_path", "error")
 MAX_ATTEMPTS = 2  # a slide whose worker process died is retried once, alone
 MAX_THREADS_PER_SLIDE = 8  # each reading thread holds up to ~150 MB of blocks
+SLIDE_ERRORS = (WsiTilingError, OSError, ValueError, RuntimeError, MemoryError)  # recorded, the run goes on
 Row = dict[str, Any]
 
 
@@ -61,29 +63,50 @@ def _error_row(job: SlideJob, setting: str, message: str) -> Row:
             "status": "error", "n_tiles": 0, "error": message}
 
 
-def tile_one_slide(job: SlideJob, options: TileOptions) -> list[Row]:
-    """Tiles one slide at every requested resolution; failures become ``error`` rows."""
-    rows = []
-    for resolution in options.resolutions:
-        setting = setting_name(resolution, options.tile_size, options.overlap)
-        try:
-            result = tile_slide(
-                job.slide_path, options.out_dir, resolution, options.tile_size, overlap=options.overlap,
-                min_tissue=options.min_tissue, slide_mpp=job.mpp or options.slide_mpp, slide_id=job.slide_id,
-                save_tiles=options.save_tiles, resume=options.resume, allow_upsample=options.allow_upsample,
-                threads=options.threads, write_thumbnail=options.write_thumbnail, progress=options.progress)
-        except (WsiTilingError, OSError, ValueError, RuntimeError, MemoryError) as error:
-            message = str(error) if isinstance(error, WsiTilingError) else f"{job.slide_path}: {error!r}"
-            rows.append(_error_row(job, setting, message.splitlines()[0]))
-            continue
-        plan = result.plan
-        rows.append({"slide_id": job.slide_id, "slide_path": str(job.slide_path), "setting": setting,
-                     "status": result.status, "n_tiles": result.n_tiles, "seconds": round(result.seconds, 3),
-                     "target_mpp": plan and round(plan.target_mpp, 5), "slide_mpp": plan and plan.slide_mpp,
-                     "mpp_source": plan and plan.mpp_source, "read_level": plan and plan.read_level,
-                     "resize_factor": plan and round(plan.resize_factor, 5), "h5_path": str(result.h5_path),
-                     "error": ""})
+def _error_message(job: SlideJob, error: BaseException) -> str:
+    message = str(error) if isinstance(error, WsiTilingError) else f"{job.slide_path}: {error!r}"
+    return message.splitlines()[0]
+
+
+def _tile_setting(job: SlideJob, options: TileOptions, resolution: Resolution) -> Row:
+    """Tiles one slide at one resolution; a failure becomes an ``error`` row."""
+    setting = setting_name(resolution, options.tile_size, options.overlap)
+    try:
+        result = tile_slide(
+            job.slide_path, options.out_dir, resolution, options.tile_size, overlap=options.overlap,
+            min_tissue=options.min_tissue, slide_mpp=job.mpp or options.slide_mpp, slide_id=job.slide_id,
+            save_tiles=options.save_tiles, resume=options.resume, allow_upsample=options.allow_upsample,
+            threads=options.threads, progress=options.progress)
+    except SLIDE_ERRORS as error:
+        return _error_row(job, setting, _error_message(job, error))
+    plan = result.plan
+    return {"slide_id": job.slide_id, "slide_path": str(job.slide_path), "setting": setting,
+            "status": result.status, "n_tiles": result.n_tiles, "seconds": round(result.seconds, 3),
+            "target_mpp": plan and round(plan.target_mpp, 5), "slide_mpp": plan and plan.slide_mpp,
+            "mpp_source": plan and plan.mpp_source, "read_level": plan and plan.read_level,
+            "resize_factor": plan and round(plan.resize_factor, 5), "h5_path": str(result.h5_path), "error": ""}
+
+
+def _write_thumbnail(job: SlideJob, out_dir: Path, rows: list[Row]) -> list[Row]:
+    """Draws ``thumbnails/<slide_id>.png`` from the slide's stores (kept when every store was skipped
+    and it exists); a failure turns the slide's rows into ``error`` rows."""
+    done = [row for row in rows if row["status"] != "error"]
+    path = out_dir / "thumbnails" / f"{job.slide_id}.png"
+    if not done or (path.is_file() and all(row["status"] == "skipped" for row in done)):
+        return rows
+    try:
+        write_png(path, draw_tiling_qc(job.slide_path, [row["h5_path"] for row in done]))
+    except SLIDE_ERRORS as error:
+        message = f"{_error_message(job, error)} (QC thumbnail)"
+        return [row if row["status"] == "error" else {**row, "status": "error", "error": message} for row in rows]
     return rows
+
+
+def tile_one_slide(job: SlideJob, options: TileOptions) -> list[Row]:
+    """Tiles one slide at every requested resolution, then draws its QC picture; failures become
+    ``error`` rows."""
+    rows = [_tile_setting(job, options, resolution) for resolution in options.resolutions]
+    return _write_thumbnail(job, options.out_dir, rows) if options.write_thumbnail else rows
 
 
 def _pooled(jobs: list[SlideJob], run: Callable[[SlideJob], list[Row]], processes: int,
@@ -217,7 +240,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--allow-upsample", action="store_true",
                         help="allow resolutions finer than the slide's own (interpolated)")
     parser.add_argument("--no-thumbnails", dest="thumbnails", action="store_false",
-                        help="skip the QC pictures in <setting>/thumbnails/")
+                        help="skip the QC pictures in thumbnails/")
     parser.add_argument("-v", "--verbose", action="store_true", help="log each slide")
     return parser
 

@@ -1,23 +1,38 @@
-"""Quality-control pictures: the slide thumbnail with the tissue outline and the tile grid drawn on.
+"""Quality-control pictures: the slide thumbnail with the tissue outline and the tile grid drawn on,
+one titled panel per tiling setting.
 
 A glance at ``thumbnails/<slide_id>.png`` shows whether the tissue detector and the grid did
 what the user expects, before any model sees a tile.
 """
 from __future__ import annotations
 
+import json
 import os
+from collections.abc import Sequence
 from pathlib import Path
 
 import cv2
 import numpy as np
 
-from .errors import OutputError
+from .errors import InvalidParameterError, OutputError
+from .grid import footprint_level0
+from .reader import SlideReader
+from .resolution import Resolution
+from .store import TileReader
+from .tiler import detect_tissue, setting_name
+from .tissue import TissueParams
 
-__all__ = ["draw_qc", "write_png"]
+__all__ = ["draw_qc", "draw_tiling_qc", "write_png"]
 
 OUTLINE_RGB = (0, 160, 0)  # tissue mask outline
 GRID_RGB = (0, 0, 255)  # kept tiles
+TITLE_RGB = (0, 0, 0)
+BACKGROUND = 255  # white around the titles and between panels
 LINE_PX = 1
+GAP_PX = 8  # between panels
+TITLE_MARGIN_PX = 4
+FONT = cv2.FONT_HERSHEY_SIMPLEX
+FONT_SCALES = (0.3, 1.0)  # smallest, largest; titles shrink to fit the panel width
 
 
 def draw_qc(thumbnail: np.ndarray, mask: np.ndarray, coords_level0: np.ndarray, footprint_level0: float,
@@ -43,6 +58,67 @@ def draw_qc(thumbnail: np.ndarray, mask: np.ndarray, coords_level0: np.ndarray, 
     contours, _ = cv2.findContours(mask.astype(np.uint8), cv2.RETR_LIST, cv2.CHAIN_APPROX_SIMPLE)
     cv2.drawContours(picture, contours, -1, OUTLINE_RGB, LINE_PX + 1)
     return picture
+
+
+def _title_strips(titles: list[str], width: int) -> list[np.ndarray]:
+    """Each title in one line on a white strip ``width`` wide; one font size, so equal heights."""
+    longest = max(cv2.getTextSize(title, FONT, 1.0, 1)[0][0] for title in titles)
+    scale = min(FONT_SCALES[1], max(FONT_SCALES[0], (width - 2 * TITLE_MARGIN_PX) / longest))
+    (_, text_h), baseline = cv2.getTextSize(titles[0], FONT, scale, 1)
+    height = text_h + baseline + 2 * TITLE_MARGIN_PX
+    strips = []
+    for title in titles:
+        strip = np.full((height, width, 3), BACKGROUND, np.uint8)
+        cv2.putText(strip, title, (TITLE_MARGIN_PX, TITLE_MARGIN_PX + text_h), FONT, scale, TITLE_RGB, 1,
+                    cv2.LINE_AA)
+        strips.append(strip)
+    return strips
+
+
+def draw_tiling_qc(slide_path: str | Path, h5_paths: Sequence[str | Path]) -> np.ndarray:
+    """One picture of a slide's tile stores: per store a panel with the thumbnail, the tissue outline
+    and the kept tiles, titled with its setting and tile count.
+
+    Panels sit side by side, or one above the other when the slide is wider than tall. The
+    thumbnail and mask are made again as the tiler made them, from the tissue settings and slide
+    µm/px recorded in the stores, so the stores must agree on those (one ``wsi-tile`` run does).
+
+    Args:
+        slide_path: the slide the stores were made from.
+        h5_paths: its stores (:func:`~wsi_tiling.tiler.tile_slide`), one panel each, in this order.
+
+    Returns:
+        (H, W, 3) uint8 RGB picture.
+
+    Raises:
+        InvalidParameterError: no store, or stores made with different tissue settings or µm/px.
+        WsiTilingError: the slide cannot be opened or read.
+    """
+    stores = [TileReader(path) for path in h5_paths]
+    requests = [json.loads(store.attrs["params"]) for store in stores]
+    made_with = {(store.attrs["slide_mpp"], json.dumps(request["tissue"], sort_keys=True))
+                 for store, request in zip(stores, requests)}
+    if len(made_with) != 1:
+        raise InvalidParameterError(slide_path, "a QC picture needs one or more tile stores made with the same "
+                                    f"tissue settings and slide µm/px, got {len(made_with)} combinations")
+    with SlideReader(slide_path) as slide:
+        thumbnail, mask, scale = detect_tissue(slide, stores[0].attrs["slide_mpp"],
+                                               TissueParams(**requests[0]["tissue"]))
+    titles = [f"{setting_name(Resolution.parse(r['resolution']), r['tile_size'], r['overlap'])}: {len(s)} tiles"
+              for s, r in zip(stores, requests)]
+    strips = _title_strips(titles, thumbnail.shape[1])
+    (title_h, width), height = strips[0].shape[:2], thumbnail.shape[0]
+    across = width <= height
+    step_y, step_x = (0, width + GAP_PX) if across else (title_h + height + GAP_PX, 0)
+    canvas = np.full((title_h + height + step_y * (len(stores) - 1), width + step_x * (len(stores) - 1), 3),
+                     BACKGROUND, np.uint8)
+    for i, (strip, store) in enumerate(zip(strips, stores)):
+        y, x = i * step_y, i * step_x
+        footprint = footprint_level0(store.tile_size, store.attrs["target_downsample"])
+        canvas[y : y + title_h, x : x + width] = strip
+        canvas[y + title_h : y + title_h + height, x : x + width] = draw_qc(thumbnail, mask, store.coords,
+                                                                             footprint, scale)
+    return canvas
 
 
 def write_png(path: str | Path, rgb: np.ndarray) -> Path:

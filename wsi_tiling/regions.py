@@ -1,4 +1,5 @@
-"""Reading a region of a pyramid level and resampling it with area interpolation, in bounded memory.
+"""Reading a region of a pyramid level, or the whole slide as a thumbnail, resampled with area
+interpolation in bounded memory.
 
 Large regions are read in horizontal bands whose output rows are whole, so a 50,000-pixel-wide
 level never sits in memory at once and the result equals one large area resize.
@@ -10,7 +11,10 @@ from typing import Protocol
 import cv2
 import numpy as np
 
-__all__ = ["RegionSource", "read_scaled", "MAX_READ_PIXELS"]
+from .reader import InMemorySlide, SlideReader
+from .resolution import Resolution, plan_read
+
+__all__ = ["RegionSource", "read_scaled", "read_thumbnail", "MAX_READ_PIXELS"]
 
 MAX_READ_PIXELS = 4096 * 4096  # read-level pixels decoded per OpenSlide call (~64 MB RGBA)
 
@@ -59,3 +63,32 @@ def read_scaled(slide: RegionSource, xy_level0: tuple[int, int], level: int, siz
         band_xy = (xy_level0[0], xy_level0[1] + round(y0 * downsample))
         out[r0:r1] = _resize(slide.read_region(band_xy, level, (width, y1 - y0)), (out_w, r1 - r0))
     return out
+
+
+def read_thumbnail(slide: SlideReader | InMemorySlide, max_side_px: int, *, mpp: float | None = None,
+                   slide_mpp: float | None = None) -> tuple[np.ndarray, tuple[float, float]]:
+    """The whole slide as one picture: at ``mpp`` µm/px, or coarser where that is needed to keep
+    its longer edge within ``max_side_px``; never finer than level 0.
+
+    Args:
+        slide: the open slide.
+        max_side_px: longest edge of the picture in pixels.
+        mpp: µm/px asked for (default: only the size limit applies).
+        slide_mpp: level-0 µm/px overriding the metadata (as given to the tiler).
+
+    Returns:
+        ((H, W, 3) uint8 RGB, level-0 pixels per picture pixel along (x, y)).
+
+    Raises:
+        MissingResolutionError: the slide's µm/px is unknown and ``slide_mpp`` is not given.
+        SlideReadError: the slide cannot be decoded.
+    """
+    width, height = slide.dimensions
+    downsample = max(1.0, max(width, height) / max_side_px)
+    if mpp is not None:
+        wanted = plan_read(Resolution(mpp, "mpp"), slide, slide_mpp=slide_mpp, allow_upsample=True)
+        downsample = max(downsample, wanted.target_downsample)
+    plan = plan_read(Resolution(downsample, "downsample"), slide, slide_mpp=slide_mpp)
+    size_out = (max(1, round(width / downsample)), max(1, round(height / downsample)))
+    rgb = read_scaled(slide, (0, 0), plan.read_level, slide.level_dimensions[plan.read_level], size_out)
+    return rgb, (width / size_out[0], height / size_out[1])

@@ -24,14 +24,14 @@ from tqdm import tqdm
 from . import __version__
 from .errors import InvalidParameterError
 from .grid import footprint_level0, grid_coords, grid_indices, grid_shape, group_into_blocks
-from .qc import draw_qc, write_png
 from .reader import SlideReader
-from .regions import MAX_READ_PIXELS, read_scaled
+from .regions import MAX_READ_PIXELS, read_scaled, read_thumbnail
 from .resolution import ReadPlan, Resolution, plan_read
 from .store import EncodedTile, TileStoreWriter, compress_tile
 from .tissue import TissueParams, tissue_fraction, tissue_mask
 
-__all__ = ["TilingResult", "tile_slide", "setting_name", "store_path", "default_slide_id", "STATUSES"]
+__all__ = ["TilingResult", "tile_slide", "detect_tissue", "setting_name", "store_path", "default_slide_id",
+           "STATUSES"]
 
 log = logging.getLogger(__name__)
 
@@ -108,16 +108,19 @@ def _finished_store(h5_path: Path, params_hash: str) -> int | None:
         return None
 
 
-def _detect_tissue(slide: SlideReader, slide_mpp: float, params: TissueParams
-                   ) -> tuple[np.ndarray, np.ndarray, tuple[float, float]]:
-    """Thumbnail (H, W, 3), its tissue mask (H, W) and level-0 pixels per thumbnail pixel (x, y)."""
-    width, height = slide.dimensions
-    downsample = max(1.0, params.mask_mpp / slide_mpp, max(width, height) / MAX_THUMBNAIL_SIDE)
-    plan = plan_read(Resolution(downsample, "downsample"), slide, slide_mpp=slide_mpp)
-    size_out = (max(1, round(width / downsample)), max(1, round(height / downsample)))
-    level_size = slide.level_dimensions[plan.read_level]
-    thumbnail = read_scaled(slide, (0, 0), plan.read_level, level_size, size_out)
-    scale = (width / size_out[0], height / size_out[1])
+def detect_tissue(slide: SlideReader, slide_mpp: float, params: TissueParams
+                  ) -> tuple[np.ndarray, np.ndarray, tuple[float, float]]:
+    """The slide's thumbnail at ``params.mask_mpp`` and its tissue mask.
+
+    Args:
+        slide: the open slide.
+        slide_mpp: level-0 µm/px (the read plan's).
+        params: tissue detection settings.
+
+    Returns:
+        ((H, W, 3) uint8 RGB thumbnail, (H, W) bool mask, level-0 pixels per thumbnail pixel (x, y)).
+    """
+    thumbnail, scale = read_thumbnail(slide, MAX_THUMBNAIL_SIDE, mpp=params.mask_mpp, slide_mpp=slide_mpp)
     return thumbnail, tissue_mask(thumbnail, slide_mpp * scale[0], params), scale
 
 
@@ -200,7 +203,7 @@ def tile_slide(slide_path: str | Path, out_dir: str | Path, resolution: Resoluti
                overlap: int = 0, min_tissue: float = 0.5, slide_mpp: float | None = None,
                slide_id: str | None = None, save_tiles: bool = False, resume: bool = False,
                allow_upsample: bool = False, tissue: TissueParams = TissueParams(), threads: int = 1,
-               write_thumbnail: bool = False, progress: bool = False) -> TilingResult:
+               progress: bool = False) -> TilingResult:
     """Tiles one slide at one resolution into ``out_dir/<setting>/patches/<slide_id>.h5``.
 
     Args:
@@ -217,7 +220,6 @@ def tile_slide(slide_path: str | Path, out_dir: str | Path, resolution: Resoluti
         allow_upsample: permit a resolution finer than the slide's own.
         tissue: tissue detection settings.
         threads: threads reading and compressing blocks of this slide.
-        write_thumbnail: also write ``<setting>/thumbnails/<slide_id>.png`` (mask outline and grid).
         progress: show a progress bar over this slide's tiles (on a terminal).
 
     Returns:
@@ -240,7 +242,7 @@ def tile_slide(slide_path: str | Path, out_dir: str | Path, resolution: Resoluti
         return TilingResult(slide_id, slide_path, "skipped", done, h5_path, time.perf_counter() - start)
     with SlideReader(slide_path) as slide:
         plan = plan_read(resolution, slide, slide_mpp=slide_mpp, allow_upsample=allow_upsample)
-        thumbnail, mask, mask_scale = _detect_tissue(slide, plan.slide_mpp, tissue)
+        _, mask, mask_scale = detect_tissue(slide, plan.slide_mpp, tissue)
         indices = grid_indices(grid_shape(slide.dimensions, tile_size, overlap, plan.target_downsample))
         coords = grid_coords(indices, tile_size, overlap, plan.target_downsample)
         footprint = footprint_level0(tile_size, plan.target_downsample)
@@ -251,9 +253,6 @@ def tile_slide(slide_path: str | Path, out_dir: str | Path, resolution: Resoluti
                              tile_size if save_tiles else None) as writer:
             if save_tiles:
                 _write_tiles(slide, plan, indices[keep], tile_size, overlap, writer, threads, progress)
-    if write_thumbnail:
-        picture = draw_qc(thumbnail, mask, coords[keep], footprint, mask_scale)
-        write_png(h5_path.parent.parent / "thumbnails" / f"{slide_id}.png", picture)
     n_tiles = int(keep.sum())
     log.info("%s: %d tiles at %s (level %d, x%.3f)", slide_path, n_tiles, resolution, plan.read_level,
              plan.resize_factor)

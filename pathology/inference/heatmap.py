@@ -15,18 +15,14 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 
-from wsi_tiling import Resolution, SlideReader, plan_read  # noqa: E402
-from wsi_tiling.regions import read_scaled  # noqa: E402
-
 from pathology.inference.results import atomic_path  # noqa: E402
 
-__all__ = ["save_gallery", "save_heatmap", "slide_thumbnail", "tile_value_map"]
+__all__ = ["save_gallery", "save_heatmap", "tile_value_map"]
 
 HEATMAP_ALPHA = 0.5
 HEATMAP_CMAP = "jet"
 FIGURE_INCHES = 6.0
 DPI = 120
-THUMBNAIL_MAX_SIDE = 1024  # pixels
 
 
 def tile_value_map(xy_level0: np.ndarray, tile_size_level0: float, values: np.ndarray,
@@ -102,27 +98,3 @@ def save_gallery(path: str | Path, tiles: Sequence[np.ndarray], scores: Sequence
         fig.savefig(tmp, dpi=DPI, bbox_inches="tight")
     plt.close(fig)
     return Path(path)
-
-
-def slide_thumbnail(slide_path: str | Path, slide_mpp: float | None = None,
-                    max_side_px: int = THUMBNAIL_MAX_SIDE) -> tuple[np.ndarray, tuple[int, int]]:
-    """The whole slide as a picture at most ``max_side_px`` on its longer edge.
-
-    Args:
-        slide_path: the slide.
-        slide_mpp: level-0 µm/px when the metadata lacks it (as given to the tiler).
-        max_side_px: longest edge of the thumbnail in pixels.
-
-    Returns:
-        ((H, W, 3) uint8 RGB thumbnail, level-0 (width, height) of the slide).
-
-    Raises:
-        WsiTilingError: the slide cannot be opened or read (the message names it).
-    """
-    with SlideReader(slide_path) as slide:
-        width, height = slide.dimensions
-        downsample = max(1.0, max(width, height) / max_side_px)
-        plan = plan_read(Resolution(downsample, "downsample"), slide, slide_mpp=slide_mpp)
-        size_out = (max(1, round(width / downsample)), max(1, round(height / downsample)))
-        thumbnail = read_scaled(slide, (0, 0), plan.read_level, slide.level_dimensions[plan.read_level], size_out)
-    return thumbnail, (width, height)

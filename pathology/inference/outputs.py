@@ -10,9 +10,9 @@ import numpy as np
 
 from pathology.checkpoint import ModelSpec
 from pathology.inference.geojson import write_geojson
-from pathology.inference.heatmap import save_gallery, save_heatmap, slide_thumbnail, tile_value_map
+from pathology.inference.heatmap import save_gallery, save_heatmap, tile_value_map
 from pathology.inference.results import atomic_path
-from wsi_tiling import TileReader
+from wsi_tiling import SlideReader, TileReader, read_thumbnail
 from wsi_tiling.inputs import SlideJob
 
 __all__ = ["Extras", "write_extras", "write_slide_predictions"]
@@ -20,6 +20,7 @@ __all__ = ["Extras", "write_extras", "write_slide_predictions"]
 # Attributes of the tile store copied into the prediction file: what was asked and delivered.
 _STORE_ATTRS = ("patch_size", "patch_size_level0", "target_mpp", "slide_mpp", "read_level", "resize_factor",
                 "level0_width", "level0_height")
+HEATMAP_MAX_SIDE_PX = 1024  # longest edge of the thumbnail the heatmaps are drawn on
 
 
 @dataclass(frozen=True)
@@ -73,7 +74,9 @@ def write_extras(out_dir: Path, job: SlideJob, reader: TileReader, probs: np.nda
         write_geojson(out_dir / "geojson" / f"{job.slide_id}.geojson", reader.coords, tile_level0, probs,
                       spec.class_names)
     if extras.heatmaps:
-        thumbnail, size_level0 = slide_thumbnail(job.slide_path, job.mpp)
+        with SlideReader(job.slide_path) as slide:
+            thumbnail, _ = read_thumbnail(slide, HEATMAP_MAX_SIDE_PX, slide_mpp=job.mpp)
+            size_level0 = slide.dimensions
         for c, name in enumerate(spec.class_names):
             value_map = tile_value_map(reader.coords, tile_level0, probs[:, c], size_level0, thumbnail.shape[1::-1])
             save_heatmap(out_dir / "heatmaps" / f"{job.slide_id}_{name}.png", thumbnail, value_map,

@@ -9,6 +9,7 @@ import sys
 import time
 from pathlib import Path
 
+import cv2
 import h5py
 import numpy as np
 import pytest
@@ -47,7 +48,14 @@ def test_bad_slides_are_recorded_and_the_rest_finish(tmp_path: Path, stripes_sli
         assert status[key] == "error" and name in rows[key]["error"]
     assert "--slide-mpp" in rows[("no_mpp", "10x_64px_0px_overlap")]["error"]
     assert int(rows[("stripes", "10x_64px_0px_overlap")]["n_tiles"]) > 0
-    assert (tmp_path / "out" / "10x_64px_0px_overlap" / "thumbnails" / "stripes.png").is_file()
+    # One picture per slide for the run, with a panel per setting that made a store (80x failed):
+    # the 4 µm/px thumbnail, 4096 / 16 = 256 px wide, under its title.
+    thumbnails = tmp_path / "out" / "thumbnails"
+    assert sorted(p.name for p in thumbnails.iterdir()) == ["blank.png", "stripes.png"]
+    picture = cv2.imread(str(thumbnails / "stripes.png"))
+    assert picture.shape[1] == 4096 // 16 and 3072 // 16 < picture.shape[0] < 2 * 3072 // 16
+    assert (picture == (0, 160, 0)).all(axis=2).any()  # the tissue outline (BGR of (0, 160, 0))
+    assert not list((tmp_path / "out").glob("*/thumbnails"))  # no second copy in the setting folders
     errors = [line for line in capsys.readouterr().err.splitlines() if line.startswith("wsi-tile: error")]
     assert len(errors) == len(set(errors)) == 7  # one line per distinct message, not one per setting
     assert all(any(name in line for name in expected_errors.values()) for line in errors)
@@ -89,6 +97,18 @@ def test_process_pool_and_shards(tmp_path: Path, stripes_slide: Path, blank_slid
     assert [key[0] for key in first] == ["blank"] and [key[0] for key in second] == ["stripes"]
     assert main(args) == 0
     assert {row["status"] for row in _manifest(tmp_path).values()} == {"ok", "no-tissue"}
+
+
+def test_resume_redraws_the_picture_only_when_a_store_was_made(tmp_path: Path, stripes_slide: Path) -> None:
+    args = [str(stripes_slide), "--out", str(tmp_path), "--tile-size", "64", "--workers", "1", "--resume"]
+    picture = tmp_path / "thumbnails" / "stripes.png"
+    assert main([*args, "--magnification", "10"]) == 0
+    one_panel = cv2.imread(str(picture)).shape
+    picture.write_bytes(b"kept")
+    assert main([*args, "--magnification", "10"]) == 0 and picture.read_bytes() == b"kept"  # all skipped
+    assert main([*args, "--magnification", "10", "5"]) == 0  # 5x is new: both panels drawn
+    two_panels = cv2.imread(str(picture)).shape
+    assert two_panels[1] == one_panel[1] and two_panels[0] > 2 * 3072 // 16
 
 
 def _stores(out: Path) -> dict[str, tuple[np.ndarray, np.ndarray]]:

@@ -148,14 +148,6 @@ def test_blank_slide_is_no_tissue_not_a_crash(blank_slide: Path, tmp_path: Path)
     assert len(TileReader(result.h5_path)) == 0
 
 
-def test_thumbnail_shows_outline_and_grid(stripes_slide: Path, tmp_path: Path) -> None:
-    tile_slide(stripes_slide, tmp_path, Resolution(10, "power"), 128, write_thumbnail=True)
-    picture = cv2.imread(str(tmp_path / "10x_128px_0px_overlap" / "thumbnails" / "stripes.png"))
-    assert picture.shape == (3072 // 16, 4096 // 16, 3)  # 4 µm/px thumbnail of a 0.25 µm/px slide
-    blue, green = (picture == (255, 0, 0)).all(axis=2), (picture == (0, 160, 0)).all(axis=2)
-    assert blue.any() and green.any()
-
-
 def test_resume_skips_only_identical_settings(stripes_slide: Path, tmp_path: Path) -> None:
     first = tile_slide(stripes_slide, tmp_path, Resolution(10, "power"), 128)
     again = tile_slide(stripes_slide, tmp_path, Resolution(10, "power"), 128, resume=True)

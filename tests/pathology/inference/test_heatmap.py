@@ -5,6 +5,7 @@ import matplotlib.image
 import numpy as np
 
 from pathology.inference.heatmap import save_gallery, save_heatmap, tile_value_map
+from wsi_tiling import SlideReader, read_thumbnail
 
 
 def test_tile_value_map_by_hand() -> None:
@@ -41,11 +42,10 @@ def test_gallery_has_a_panel_per_tile(tmp_path) -> None:
         assert np.all(np.abs(image - grey / 255) < 0.01, axis=-1).sum() > 1000
 
 
-def test_slide_thumbnail_keeps_geometry_and_colour(two_class_set) -> None:
-    from pathology.inference.heatmap import slide_thumbnail
-
-    thumbnail, size_level0 = slide_thumbnail(two_class_set.slide["mixed"], max_side_px=256)
-    assert size_level0 == (1024, 1024) and thumbnail.shape == (256, 256, 3)  # downsample 4
+def test_heatmap_thumbnail_keeps_geometry_and_colour(two_class_set) -> None:
+    with SlideReader(two_class_set.slide["mixed"]) as slide:
+        thumbnail, downsample = read_thumbnail(slide, 256)
+    assert downsample == (4.0, 4.0) and thumbnail.shape == (256, 256, 3)  # a 1024 x 1024 slide
     # tissue spans level-0 256..896 px, i.e. 64..224 in the thumbnail; blue from 768, i.e. 192
     np.testing.assert_array_equal(thumbnail[100, 100], (230, 150, 200))
     np.testing.assert_array_equal(thumbnail[100, 210], (150, 170, 230))
