@@ -4,6 +4,7 @@ from __future__ import annotations
 import logging
 import os
 import pickle
+import re
 from pathlib import Path
 
 import pytest
@@ -35,6 +36,36 @@ def test_same_function_as_timm_at_224(timm_l1: nn.Module, tmp_path: Path, suffix
     expected = _logits(timm_l1, x)
     assert expected.std() > 0.1  # random weights: every block changes the logits
     torch.testing.assert_close(_logits(ours, x), expected, rtol=0, atol=LOGIT_ATOL)
+
+
+def _as_snap_original(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """timm keys -> the key names of snap-research/EfficientFormer's own checkpoints.
+
+    snap: ``patch_embed.{0,1,3,4}`` stem; ``network.{2s}.{b}`` blocks of stage s; ``network.{2s-1}``
+    the downsample (``proj``, ``norm``) before stage s; ``layer_scale_{1,2}``; ``dist_head``.
+    """
+    stem = {"stem.conv1": "patch_embed.0", "stem.norm1": "patch_embed.1", "stem.conv2": "patch_embed.3",
+            "stem.norm2": "patch_embed.4"}
+    out = {}
+    for key, value in state.items():
+        for old, new in stem.items():
+            key = key.replace(old, new)
+        key = re.sub(r"stages\.(\d+)\.downsample\.conv", lambda m: f"network.{2 * int(m[1]) - 1}.proj", key)
+        key = re.sub(r"stages\.(\d+)\.downsample\.norm", lambda m: f"network.{2 * int(m[1]) - 1}.norm", key)
+        key = re.sub(r"stages\.(\d+)\.blocks\.", lambda m: f"network.{2 * int(m[1])}.", key)
+        key = re.sub(r"ls([12])\.gamma", r"layer_scale_\1", key).replace("head_dist", "dist_head")
+        out[key] = value
+    return out
+
+
+def test_snap_original_key_names_load(timm_l1: nn.Module, tmp_path: Path) -> None:
+    path = tmp_path / "efficientformer_l1.pth"
+    snap = _as_snap_original(timm_l1.state_dict())
+    assert "network.1.proj.weight" in snap and "network.6.4.layer_scale_1" in snap
+    torch.save(snap, path)
+    ours = create_model("efficientformer_l1", pretrained=str(path))
+    x = torch.randn(1, 3, 224, 224, generator=torch.Generator().manual_seed(3))
+    torch.testing.assert_close(_logits(ours, x), _logits(timm_l1, x), rtol=0, atol=LOGIT_ATOL)
 
 
 def test_mhsa_at_16_loads_every_pretrained_key(timm_l1: nn.Module, timm_l1_file: Path,
