@@ -106,7 +106,7 @@ def test_make_demo_slides_writes_balanced_labelled_slides(tmp_path) -> None:
     for split in ("train", "val", "test"):
         pairs = {(s.chromatin, s.architecture) for s in slides if s.split == split}
         assert pairs == {(c, a) for c in ("smooth", "coarse") for a in ("nests", "cords")}
-    with openslide.OpenSlide(str(slides[0].path)) as slide:
+    with openslide.OpenSlide(str(slides[0].slide_path)) as slide:
         assert slide.dimensions == (512, 512)
         assert float(slide.properties[openslide.PROPERTY_NAME_MPP_X]) == pytest.approx(MPP)
         assert slide.level_downsamples == pytest.approx((1.0, 4.0, 16.0))
