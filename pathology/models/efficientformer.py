@@ -25,7 +25,6 @@ from timm.models._manipulate import checkpoint_seq
 from timm.models.efficientformer import Attention, Downsample, MetaBlock1d, MetaBlock2d, Stem4
 from torch import nn
 
-
 STAGE_STRIDES: tuple[int, ...] = (4, 8, 16, 32)  # output stride (input px per token) of each stage
 MAX_STRIDE = STAGE_STRIDES[-1]
 
@@ -38,20 +37,18 @@ class VariantConfig:
         widths: channels of each stage.
         pool_depths: pooling (MetaBlock2d) blocks per stage, before any MHSA blocks.
         default_mhsa: MHSA blocks per output stride when the user gives none (the paper's layout).
-        timm_name: timm's name of the same architecture, for hub weights.
     """
 
     widths: tuple[int, int, int, int]
     pool_depths: tuple[int, int, int, int]
     default_mhsa: dict[int, int]
-    timm_name: str
 
 
 # timm's depths minus its ``num_vit`` MHSA blocks in the last stage: (3,2,6,4)-1, (4,4,12,6)-4, (6,6,18,8)-8.
 MODEL_CONFIGS: dict[str, VariantConfig] = {
-    "efficientformer_l1": VariantConfig((48, 96, 224, 448), (3, 2, 6, 3), {32: 1}, "efficientformer_l1"),
-    "efficientformer_l3": VariantConfig((64, 128, 320, 512), (4, 4, 12, 2), {32: 4}, "efficientformer_l3"),
-    "efficientformer_l7": VariantConfig((96, 192, 384, 768), (6, 6, 18, 0), {32: 8}, "efficientformer_l7"),
+    "efficientformer_l1": VariantConfig((48, 96, 224, 448), (3, 2, 6, 3), {32: 1}),
+    "efficientformer_l3": VariantConfig((64, 128, 320, 512), (4, 4, 12, 2), {32: 4}),
+    "efficientformer_l7": VariantConfig((96, 192, 384, 768), (6, 6, 18, 0), {32: 8}),
 }
 
 
@@ -67,7 +64,7 @@ def normalize_mhsa_blocks(mhsa_blocks: Mapping[int | str, int] | None, default: 
     source = default if mhsa_blocks is None else mhsa_blocks
     blocks: dict[int, int] = {}
     for key, count in source.items():
-        stride = int(key)
+        stride = int(key) if str(key).isdigit() else None
         if stride not in STAGE_STRIDES:
             raise ValueError(f"mhsa_blocks: stride {key!r} is not one of the stage strides {STAGE_STRIDES}")
         if int(count) < 0 or int(count) != count:

@@ -87,6 +87,7 @@ def test_string_stride_keys_equal_int_keys() -> None:
         ({"img_size": 200}, ValueError, "multiples of 32"),
         ({"img_size": (224, 100)}, ValueError, "multiples of 32"),
         ({"mhsa_blocks": {64: 1}}, ValueError, "stride 64"),
+        ({"mhsa_blocks": {"sixteen": 1}}, ValueError, "stride 'sixteen'"),
         ({"mhsa_blocks": {16: -1}}, ValueError, "non-negative"),
     ],
 )
