@@ -1,0 +1,35 @@
+"""``pathology demo`` end to end with a one-point grid: slides, study, best-cell inference, report."""
+from __future__ import annotations
+
+from pathlib import Path
+
+import pandas as pd
+
+from pathology.study.demo import DEMO_CONFIG, main
+
+TINY_DEMO = """
+grid: {resolution: [2.5x], mhsa_blocks: ["32:1"], tile_size: [32], seed: [0]}
+train: {configs: ["{train}", tiny_train.yaml]}
+"""
+
+
+def test_demo_writes_report_predictions_heatmaps_and_geojson(tmp_path: Path, capsys) -> None:
+    (tmp_path / "tiny_train.yaml").write_text("trainer: {max_epochs: 1, limit_train_batches: 2}\n")
+    override = tmp_path / "tiny_demo.yaml"
+    override.write_text(TINY_DEMO.replace("{train}", str(DEMO_CONFIG.parent / "study_train_demo.yaml")))
+    out = tmp_path / "demo"
+    assert main(["--out", str(out), "--config", str(DEMO_CONFIG), "--config", str(override)]) == 0
+    assert capsys.readouterr().out.strip().endswith(f"report: {out / 'report.md'}")
+    results = pd.read_csv(out / "results.csv")
+    assert results["task"].tolist() == ["chromatin", "architecture"]  # one grid point per task
+    slides = pd.read_csv(out / "data" / "slides.csv")
+    assert len(slides) == 20  # 4 label pairs x (3 train + 1 val + 1 test)
+    report = (out / "report.md").read_text()
+    for task, positive in (("chromatin", "coarse"), ("architecture", "cords")):
+        predicted = pd.read_csv(out / "inference" / task / "slides.csv")
+        assert len(predicted) == 4  # the test slides
+        for slide_id in predicted["slide_id"]:
+            heatmap = f"inference/{task}/heatmaps/{slide_id}_{positive}.png"
+            assert (out / heatmap).stat().st_size > 0 and heatmap in report
+            assert (out / "inference" / task / "geojson" / f"{slide_id}.geojson").stat().st_size > 0
+    assert "![metric against field of view](metric_vs_resolution.png)" in report
