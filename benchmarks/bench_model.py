@@ -110,6 +110,21 @@ def _timm_l1_outcome(size: int) -> str:
     return "runs"
 
 
+def format_table(header: str, rows: list[Case], latency: list[float], throughput: list[float],
+                 sizes: list[int]) -> str:
+    """Markdown table; ratios are to ``rows[0]`` (timm's shipped L1 at 224 px)."""
+    lines = [header, "", "| model | input px | latency b=1 (ms) | throughput (img/s) | "
+             "× timm L1 (latency) | × timm L1 (throughput) |", "|---|---|---|---|---|---|"]
+    for case, seconds, rate in zip(rows, latency, throughput):
+        lines.append(f"| {case.label} | {case.img_size} | {seconds * 1e3:.1f} | {rate:.1f} | "
+                     f"{latency[0] / seconds:.2f} | {rate / throughput[0]:.2f} |")
+    for size in sizes:
+        if size != BASELINE_SIZE:
+            outcome = _timm_l1_outcome(size)
+            lines.append(f"| timm efficientformer_l1 as shipped | {size} | {outcome} | – | – | – |")
+    return "\n".join(lines)
+
+
 def main(argv: list[str] | None = None) -> int:
     """Measures every row and prints (and optionally writes) a Markdown table."""
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
@@ -133,18 +148,10 @@ def main(argv: list[str] | None = None) -> int:
     clock = CLOCKS[args.clock]
     latency = fastest_times(models, singles, args.rounds, clock)
     throughput = [args.batch_size / t for t in fastest_times(models, batches, args.rounds, clock)]
-    lines = [f"CPU: {_cpu_name()}, {torch.get_num_threads()} torch threads, "
-             f"torch {torch.__version__}, timm {timm.__version__}; latency at batch 1, throughput at batch "
-             f"{args.batch_size}; fastest of {args.rounds} interleaved rounds; {args.clock} clock",
-             "", "| model | input px | latency b=1 (ms) | throughput (img/s) | × timm L1 (latency) | × timm L1 (throughput) |",
-             "|---|---|---|---|---|---|"]
-    for case, seconds, rate in zip(rows, latency, throughput):
-        lines.append(f"| {case.label} | {case.img_size} | {seconds * 1e3:.1f} | {rate:.1f} | "
-                     f"{latency[0] / seconds:.2f} | {rate / throughput[0]:.2f} |")
-    for size in args.sizes:
-        if size != BASELINE_SIZE:
-            lines.append(f"| timm efficientformer_l1 as shipped | {size} | {_timm_l1_outcome(size)} | – | – | – |")
-    table = "\n".join(lines)
+    header = (f"CPU: {_cpu_name()}, {torch.get_num_threads()} torch threads, torch {torch.__version__}, "
+              f"timm {timm.__version__}; latency at batch 1, throughput at batch {args.batch_size}; "
+              f"fastest of {args.rounds} interleaved rounds; {args.clock} clock")
+    table = format_table(header, rows, latency, throughput, args.sizes)
     print(table)
     if args.out:
         tmp = args.out.with_name(f".{args.out.name}.tmp")
