@@ -165,11 +165,18 @@ class TileClassifier(L.LightningModule):
                  "weight_decay": hp.weight_decay if decay else 0.0}
                 for (is_head, decay), params in groups.items()]
 
+    def _lr_factor(self, step: int) -> float:
+        """Warm-up and cosine over the trainer's current total of steps (read each step, so a
+        re-planned ``max_epochs``, e.g. by :class:`~pathology.training.budget.TimeBudget`, is followed)."""
+        total = self.trainer.estimated_stepping_batches
+        if not math.isfinite(total):  # no epoch or step limit (e.g. only max_time): warm-up is one step, no decay
+            return 1.0
+        total = max(1, int(total))
+        return warmup_cosine(step, max(1, round(self.hparams.warmup_fraction * total)), total)
+
     def configure_optimizers(self) -> dict:
         optimizer = torch.optim.AdamW(self._param_groups())
-        total = max(1, int(self.trainer.estimated_stepping_batches))
-        warmup = max(1, round(self.hparams.warmup_fraction * total))
-        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: warmup_cosine(step, warmup, total))
+        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, self._lr_factor)
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
 
     def on_save_checkpoint(self, checkpoint: dict) -> None:

@@ -10,7 +10,7 @@ import torch
 from lightning.pytorch.callbacks import ModelCheckpoint
 from torch.utils.data import DataLoader, TensorDataset
 
-from pathology.training import NonFiniteLossError, TileClassifier, classification_metrics, warmup_cosine
+from pathology.training import NonFiniteLossError, TileClassifier, TimeBudget, classification_metrics, warmup_cosine
 
 IMG_PX = 32
 
@@ -67,3 +67,20 @@ def test_nan_loss_stops_without_touching_the_checkpoint(tmp_path: Path) -> None:
         trainer.fit(_classifier(), train_dataloaders=loader)
     assert previous.read_bytes() == b"the last good checkpoint"
     assert sorted(p.name for p in tmp_path.iterdir()) == ["last.ckpt"]
+
+
+@pytest.mark.parametrize("planned_epochs", [1, 10])
+def test_time_budget_replans_epochs_and_the_schedule_follows(planned_epochs: int,
+                                                             monkeypatch: pytest.MonkeyPatch) -> None:
+    # A fake clock: training starts at 0 s and every epoch takes 10 s, so a 35 s budget fits 3 epochs,
+    # whether the first plan was too short (1) or too long (10).
+    ticks = iter(range(0, 1000, 10))
+    monkeypatch.setattr("pathology.training.budget.monotonic", lambda: next(ticks))
+    images = torch.randn(4, 3, IMG_PX, IMG_PX)
+    loader = DataLoader(TensorDataset(images, torch.tensor([0, 1, 0, 1])), batch_size=2)  # 2 steps per epoch
+    trainer = L.Trainer(accelerator="cpu", max_epochs=planned_epochs, logger=False, enable_progress_bar=False,
+                        enable_model_summary=False, enable_checkpointing=False,
+                        callbacks=[TimeBudget(minutes=35 / 60)])
+    trainer.fit(_classifier(warmup_fraction=0.0), train_dataloaders=loader)
+    assert trainer.current_epoch == 3 and trainer.global_step == 6
+    assert trainer.optimizers[0].param_groups[0]["lr"] == pytest.approx(0.0, abs=1e-12)  # cosine ended at step 6
