@@ -114,6 +114,9 @@ def plot_metric_vs_resolution(summary: pd.DataFrame, path: Path, metric: str = P
             for x, y, res in zip(line["field_um"], line[metric], line["resolution"]):
                 ax.annotate(str(res), (x, y), textcoords="offset points", xytext=(4, -10), fontsize=7)
         ax.set(xscale="log", title=task, xlabel="tile field of view (µm, log)", ylabel=metric)
+        fields = sorted(rows["field_um"].unique())
+        ax.set_xticks(fields, [f"{field:g}" for field in fields])  # the fields studied, not 10^k
+        ax.minorticks_off()
         ax.axhline(0.5, color="grey", lw=0.8, ls=":")
         ax.legend(fontsize=7)
     return _save(fig, path)
