@@ -8,9 +8,7 @@ this layout, so inference never needs to know which wrote the file.
 from __future__ import annotations
 
 import logging
-import os
 import pickle
-import tempfile
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -18,6 +16,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from pathology.atomic import atomic_path
 from wsi_tiling import Resolution
 
 __all__ = ["SPEC_KEY", "CheckpointError", "ModelSpec", "save_checkpoint", "load_checkpoint", "load_inference_model"]
@@ -87,20 +86,13 @@ class ModelSpec:
 
 def save_checkpoint(path: str | Path, model: nn.Module, spec: ModelSpec) -> Path:
     """Writes ``model``'s weights and ``spec`` atomically (temporary file, then rename)."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
     payload = {
         "state_dict": {STATE_PREFIX + k: v.detach().cpu() for k, v in model.state_dict().items()},
         SPEC_KEY: spec.to_dict(),
     }
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    os.close(fd)
-    try:
+    with atomic_path(path) as tmp:
         torch.save(payload, tmp)
-        os.replace(tmp, path)
-    finally:
-        Path(tmp).unlink(missing_ok=True)
-    return path
+    return Path(path)
 
 
 def load_checkpoint(path: str | Path) -> tuple[dict[str, torch.Tensor], ModelSpec]:

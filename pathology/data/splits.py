@@ -7,13 +7,13 @@ validation set of a run is one fold (``val_fold``), training is the other folds.
 """
 from __future__ import annotations
 
-import os
 from pathlib import Path
 
 import numpy as np
 import pandas as pd
 from sklearn.model_selection import StratifiedGroupKFold
 
+from pathology.atomic import atomic_path
 from pathology.data.errors import SplitError
 from pathology.data.sources import read_table
 
@@ -67,13 +67,6 @@ def make_folds(table: pd.DataFrame, *, test_fraction: float = 0.2, val_fraction:
     return pd.DataFrame({"patient_id": folds.index, "fold": folds.to_numpy()})
 
 
-def _write_atomic(df: pd.DataFrame, path: Path) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp")
-    df.to_csv(tmp, index=False)
-    os.replace(tmp, path)
-
-
 def load_or_make_folds(path: str | Path, table: pd.DataFrame, **kwargs) -> pd.DataFrame:
     """Reuses the split file at ``path`` when it exists, else makes one (:func:`make_folds`) and saves it.
 
@@ -84,7 +77,8 @@ def load_or_make_folds(path: str | Path, table: pd.DataFrame, **kwargs) -> pd.Da
     path = Path(path)
     if not path.is_file():
         folds = make_folds(table, **kwargs)
-        _write_atomic(folds, path)
+        with atomic_path(path) as tmp:  # unique per process: DDP ranks may make the same file at once
+            folds.to_csv(tmp, index=False)
         return folds
     folds = read_table(path, ["patient_id", "fold"])
     folds["fold"] = folds["fold"].astype(int)

@@ -23,9 +23,9 @@ from sklearn.metrics import balanced_accuracy_score, confusion_matrix, roc_auc_s
 
 from pathology.inference.aggregate import parse_aggregation  # noqa: E402
 from pathology.inference.calibrate import decide  # noqa: E402
+from pathology.atomic import atomic_path  # noqa: E402
 from pathology.inference.results import (  # noqa: E402
     CALIBRATED,
-    atomic_path,
     labelled_slides,
     scores,
     write_json,

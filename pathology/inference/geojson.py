@@ -14,7 +14,7 @@ from typing import Any
 
 import numpy as np
 
-from pathology.inference.results import atomic_path
+from pathology.atomic import atomic_path
 
 __all__ = ["class_colours", "tiles_to_geojson", "write_geojson"]
 

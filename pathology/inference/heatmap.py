@@ -15,7 +15,7 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 
-from pathology.inference.results import atomic_path  # noqa: E402
+from pathology.atomic import atomic_path  # noqa: E402
 
 __all__ = ["save_gallery", "save_heatmap", "tile_value_map"]
 

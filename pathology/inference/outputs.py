@@ -11,7 +11,7 @@ import numpy as np
 from pathology.checkpoint import ModelSpec
 from pathology.inference.geojson import write_geojson
 from pathology.inference.heatmap import save_gallery, save_heatmap, tile_value_map
-from pathology.inference.results import atomic_path
+from pathology.atomic import atomic_path
 from wsi_tiling import SlideReader, TileReader, read_thumbnail
 from wsi_tiling.inputs import SlideJob
 

@@ -20,7 +20,7 @@ from lightning.pytorch.callbacks import BasePredictionWriter
 from torch import nn
 from torch.utils.data import DataLoader, Dataset
 
-from pathology.inference.results import atomic_path
+from pathology.atomic import atomic_path
 
 __all__ = ["RunOptions", "ShardWriter", "TilePredictor", "TilePredictions", "predict_tiles"]
 

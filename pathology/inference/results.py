@@ -12,15 +12,14 @@ A score column is named ``<aggregation key>_<class name>``, e.g. ``topk0.1_tumou
 from __future__ import annotations
 
 import json
-import os
-import tempfile
-from collections.abc import Iterator, Sequence
-from contextlib import contextmanager
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import pandas as pd
+
+from pathology.atomic import atomic_path
 
 __all__ = [
     "InferenceError",
@@ -29,7 +28,6 @@ __all__ = [
     "PREDICTIONS_DIR",
     "CALIBRATED",
     "STATUS_OK",
-    "atomic_path",
     "write_json",
     "score_column",
     "scores",
@@ -48,23 +46,6 @@ STATUS_OK = "ok"
 
 class InferenceError(ValueError):
     """Bad input to inference, calibration or evaluation; the message names the file."""
-
-
-@contextmanager
-def atomic_path(path: str | Path) -> Iterator[Path]:
-    """Yields a temporary path beside ``path`` and renames it into place only on success.
-
-    A crash therefore never leaves a half-written file where a finished one is expected.
-    """
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.stem}.", suffix=f".tmp{path.suffix}")
-    os.close(fd)
-    try:
-        yield Path(tmp)
-        os.replace(tmp, path)
-    finally:
-        Path(tmp).unlink(missing_ok=True)
 
 
 def write_json(path: str | Path, data: dict[str, Any]) -> Path:

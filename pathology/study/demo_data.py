@@ -30,6 +30,7 @@ from pathlib import Path
 import cv2
 import numpy as np
 
+from pathology.atomic import atomic_path
 from wsi_tiling.synthetic import WHITE, write_slide
 
 __all__ = ["TASKS", "DemoTissuePainter", "DemoSlide", "make_demo_slides", "read_manifest"]
@@ -193,22 +194,19 @@ def make_demo_slides(
                 painter = DemoTissuePainter(mpp, size_um, chromatin == "coarse", architecture == "cords",
                                             seed * 1000 + index, nest_um=nest_um)
                 path = out_dir / "slides" / f"{slide_id}.svs"
-                tmp = path.with_name(f".{path.name}.tmp")
-                write_slide(tmp, painter, size_px, mpp=mpp, objective_power=power, downsamples=(1, 4, 16))
-                tmp.replace(path)
+                with atomic_path(path) as tmp:
+                    write_slide(tmp, painter, size_px, mpp=mpp, objective_power=power, downsamples=(1, 4, 16))
                 slides.append(DemoSlide(slide_id, path, split, chromatin, architecture, mpp))
                 log.info("wrote %s", path)
     return _write_manifest(out_dir / "slides.csv", slides)
 
 
 def _write_manifest(path: Path, slides: list[DemoSlide]) -> Path:
-    tmp = path.with_name(f".{path.name}.tmp")
-    with tmp.open("w", newline="") as f:
+    with atomic_path(path) as tmp, tmp.open("w", newline="") as f:
         writer = csv.writer(f)
         writer.writerow(MANIFEST_COLUMNS)
         for s in slides:
             writer.writerow([s.slide_id, s.slide_path.resolve(), s.split, s.chromatin, s.architecture, s.mpp])
-    tmp.replace(path)
     return path
 
 

@@ -18,7 +18,7 @@ import numpy as np  # noqa: E402
 import pandas as pd  # noqa: E402
 from scipy import stats  # noqa: E402
 
-from pathology.inference.results import atomic_path  # noqa: E402
+from pathology.atomic import atomic_path  # noqa: E402
 
 __all__ = ["GROUP_COLUMNS", "REPORT_METRICS", "mean_ci", "summarise", "markdown_table", "pareto_front",
            "plot_metric_vs_resolution", "plot_pareto", "write_report"]

@@ -30,11 +30,11 @@ from tqdm import tqdm
 
 from pathology.checkpoint import CheckpointError, load_inference_model
 from pathology.data import TileDataError
-from pathology.data.splits import TEST_FOLD
 from pathology.inference.evaluate import auroc
 from pathology.inference.infer import infer_slides
 from pathology.inference.predict import RunOptions
-from pathology.inference.results import PREDICTIONS_DIR, atomic_path, scores, write_json
+from pathology.atomic import atomic_path
+from pathology.inference.results import PREDICTIONS_DIR, scores, write_json
 from pathology.models.info import measure
 from pathology.study.grid import Cell, Study, StudyConfigError, load_study
 from pathology.study.report import write_report

@@ -7,7 +7,6 @@ Labels are known when the folder has one sub-folder per class of the checkpoint,
 from __future__ import annotations
 
 import argparse
-import os
 import sys
 from pathlib import Path
 
@@ -17,6 +16,7 @@ import torch
 from torch.utils.data import DataLoader
 from tqdm import tqdm
 
+from pathology.atomic import atomic_path
 from pathology.checkpoint import CheckpointError, ModelSpec, load_inference_model
 from pathology.data import ImageCsvSource, ImageFolderSource, TileDataError, TileDataset, eval_transform
 from pathology.training.metrics import classification_metrics
@@ -43,13 +43,6 @@ def _table(tiles: Path, class_names: list[str], image_root: Path | None, path_co
     if tiles.is_dir():
         return ImageFolderSource(tiles, patient_pattern=None).table(class_names)
     return ImageCsvSource(tiles, image_root, path_column=path_column).table(class_names)
-
-
-def _write_csv(df: pd.DataFrame, path: Path) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp")
-    df.to_csv(tmp, index=False)
-    os.replace(tmp, path)
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -83,7 +76,8 @@ def main(argv: list[str]) -> int:
         out["label"] = np.where(known, names[np.maximum(labels, 0)], "")
     out["pred"] = names[probs.argmax(axis=1)]
     out[[f"prob_{name}" for name in names]] = probs
-    _write_csv(out, args.out)
+    with atomic_path(args.out) as tmp:
+        out.to_csv(tmp, index=False)
     print(f"{len(out)} tiles -> {args.out}")
     if known.any():
         metrics = classification_metrics(labels[known], probs[known])

@@ -110,5 +110,5 @@ def test_make_demo_slides_writes_balanced_labelled_slides(tmp_path) -> None:
         assert slide.dimensions == (512, 512)
         assert float(slide.properties[openslide.PROPERTY_NAME_MPP_X]) == pytest.approx(MPP)
         assert slide.level_downsamples == pytest.approx((1.0, 4.0, 16.0))
-    assert not list(tmp_path.glob("**/*.tmp"))
+    assert not list(tmp_path.glob("**/*.tmp*"))
     assert math.isclose(slides[0].mpp, MPP)
