@@ -159,10 +159,10 @@ def _evaluate(study: Study, cell: Cell, test: pd.DataFrame, run_dir: Path, tiles
     return result
 
 
-def _speed(checkpoint: Path, study: Study, cell: Cell) -> dict[str, float]:
+def _speed(checkpoint: Path, study: Study) -> dict[str, float]:
     """Parameters, MACs per tile and throughput (tiles/s) of the trained model's optimised form."""
-    model, _ = load_inference_model(checkpoint)
-    info = measure(model, (cell.tile_size, cell.tile_size), batch_size=study.speed_batch_size, repeats=3)
+    model, spec = load_inference_model(checkpoint)  # the input size the model was built for, not the tile's
+    info = measure(model, (spec.img_size, spec.img_size), batch_size=study.speed_batch_size, repeats=3)
     return {"params": info.params, "macs": info.macs, "throughput": info.throughput, "latency_ms": info.latency_ms}
 
 
@@ -186,7 +186,7 @@ def run_cell(study: Study, cell: Cell, out_dir: Path) -> dict[str, Any]:
     metrics = _evaluate(study, cell, slides[slides["split"] == "test"], cell_dir / "infer", tiles_root,
                         fitted.best_checkpoint)
     inferred = time.perf_counter()
-    return {**metrics, **_speed(fitted.best_checkpoint, study, cell),
+    return {**metrics, **_speed(fitted.best_checkpoint, study),
             "tiling_seconds": tiled - start, "train_seconds": trained - tiled, "infer_seconds": inferred - trained,
             "checkpoint": str(fitted.best_checkpoint)}
 
