@@ -136,8 +136,8 @@ def test_ddp_on_two_cpu_processes(tile_folder: Path, tmp_path: Path) -> None:
     run = subprocess.run([sys.executable, "-m", "pathology.cli", "train", *args], cwd=tmp_path,
                          capture_output=True, text=True, timeout=300)
     assert run.returncode == 0, run.stderr[-2000:]
-    ckpt = torch.load(tmp_path / "runs/tiny/csv/version_0/checkpoints/last.ckpt", map_location="cpu",
-                      weights_only=True)
+    last = tmp_path / "runs/tiny/csv/version_0/checkpoints/last.ckpt"
+    ckpt = torch.load(last, map_location="cpu", weights_only=True)
     assert ckpt["global_step"] == 2 and SPEC_KEY in ckpt
 
 
