@@ -127,7 +127,11 @@ class TileStoreWriter:
 def read_attrs(h5_path: str | Path) -> dict[str, Any]:
     """The ``coords`` attributes of a tile store, as Python values."""
     with h5py.File(h5_path, "r") as file:
-        return {key: _python_value(value) for key, value in file["coords"].attrs.items()}
+        return _coords_attrs(file)
+
+
+def _coords_attrs(file: h5py.File) -> dict[str, Any]:
+    return {key: _python_value(value) for key, value in file["coords"].attrs.items()}
 
 
 def _python_value(value: Any) -> Any:
@@ -159,7 +163,7 @@ class TileReader(Sequence[np.ndarray]):
             self.coords: np.ndarray = file["coords"][:]
             self.tissue_fraction: np.ndarray = file["tissue_fraction"][:]
             self.has_tiles = "tiles" in file
-        self.attrs: dict[str, Any] = read_attrs(self.h5_path)
+            self.attrs: dict[str, Any] = _coords_attrs(file)
         self.slide_path = Path(slide_path if slide_path is not None else self.attrs["slide_path"])
         self.tile_size = int(self.attrs["patch_size"])
         self._read_size = int(self.attrs["patch_size_read_level"])
