@@ -30,12 +30,10 @@ from .resolution import ReadPlan, Resolution, plan_read
 from .store import EncodedTile, TileStoreWriter, compress_tile
 from .tissue import TissueParams, tissue_fraction, tissue_mask
 
-__all__ = ["TilingResult", "tile_slide", "detect_tissue", "setting_name", "store_path", "default_slide_id",
-           "STATUSES"]
+__all__ = ["TilingResult", "tile_slide", "detect_tissue", "setting_name", "store_path", "default_slide_id"]
 
 log = logging.getLogger(__name__)
 
-STATUSES = ("ok", "no-tissue", "skipped")
 MAX_THUMBNAIL_SIDE = 8192  # tissue-mask thumbnail edge cap, pixels
 HASH_CHARS = 16
 
