@@ -19,7 +19,10 @@ from torch import nn
 from pathology.atomic import atomic_path
 from wsi_tiling import Resolution
 
-__all__ = ["SPEC_KEY", "CheckpointError", "ModelSpec", "save_checkpoint", "load_checkpoint", "load_inference_model"]
+__all__ = [
+    "SPEC_KEY", "CheckpointError", "ModelSpec", "save_checkpoint", "load_checkpoint", "load_inference_model",
+    "read_torch_file",
+]
 
 SPEC_KEY = "pathology_spec"
 STATE_PREFIX = "model."
@@ -95,6 +98,31 @@ def save_checkpoint(path: str | Path, model: nn.Module, spec: ModelSpec) -> Path
     return Path(path)
 
 
+def read_torch_file(path: str | Path, what: str) -> Any:
+    """Loads a torch file onto the CPU safely (``weights_only``: never unpickles code).
+
+    Args:
+        path: the file.
+        what: what the file should be (``"checkpoint"``), for error messages.
+
+    Raises:
+        CheckpointError: missing, truncated or unsafe file; the message names it.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise CheckpointError(f"{path}: {what} not found")
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except (pickle.UnpicklingError, RuntimeError, EOFError, OSError) as err:
+        raise CheckpointError(f"{path}: not a loadable {what} ({first_line(err)})") from err
+
+
+def first_line(err: BaseException) -> str:
+    """The first line of ``err``'s message, or its type name when the message is empty."""
+    text = str(err).strip()
+    return text.splitlines()[0] if text else type(err).__name__
+
+
 def load_checkpoint(path: str | Path) -> tuple[dict[str, torch.Tensor], ModelSpec]:
     """Reads a checkpoint safely (never unpickles code) and returns (model state_dict, spec).
 
@@ -102,13 +130,7 @@ def load_checkpoint(path: str | Path) -> tuple[dict[str, torch.Tensor], ModelSpe
         CheckpointError: missing, truncated, unsafe or not written by this project.
     """
     path = Path(path)
-    if not path.is_file():
-        raise CheckpointError(f"{path}: checkpoint not found")
-    try:
-        ckpt = torch.load(path, map_location="cpu", weights_only=True)
-    except (pickle.UnpicklingError, RuntimeError, EOFError, OSError) as err:
-        first_line = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
-        raise CheckpointError(f"{path}: not a loadable checkpoint ({first_line})") from err
+    ckpt = read_torch_file(path, "checkpoint")
     if not isinstance(ckpt, dict) or SPEC_KEY not in ckpt or "state_dict" not in ckpt:
         raise CheckpointError(f"{path}: not a pathology tile-classifier checkpoint (no '{SPEC_KEY}')")
     state = {k[len(STATE_PREFIX):]: v for k, v in ckpt["state_dict"].items() if k.startswith(STATE_PREFIX)}

@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import logging
 import math
-import pickle
 import re
 from collections import defaultdict
 from dataclasses import dataclass, field
@@ -27,7 +26,7 @@ from safetensors.torch import load_file
 from timm.models.efficientformer import checkpoint_filter_fn as snap_to_timm
 from torch import nn
 
-from pathology.checkpoint import CheckpointError
+from pathology.checkpoint import CheckpointError, first_line, read_torch_file
 
 __all__ = ["LoadReport", "filter_state_dict", "load_pretrained", "read_state_dict", "transfer_attention_biases"]
 
@@ -88,16 +87,15 @@ def read_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
         CheckpointError: missing, truncated, unsafe (code in the pickle) or holding no tensors.
     """
     path = Path(path)
-    if not path.is_file():
+    if path.suffix != ".safetensors":
+        state = read_torch_file(path, "pretrained weights file")
+    elif not path.is_file():
         raise CheckpointError(f"{path}: pretrained weights file not found")
-    try:
-        if path.suffix == ".safetensors":
+    else:
+        try:
             state = load_file(path, device="cpu")
-        else:
-            state = torch.load(path, map_location="cpu", weights_only=True)
-    except (SafetensorError, pickle.UnpicklingError, RuntimeError, EOFError, OSError) as err:
-        reason = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
-        raise CheckpointError(f"{path}: not a loadable weights file ({reason})") from err
+        except (SafetensorError, OSError) as err:
+            raise CheckpointError(f"{path}: not a loadable pretrained weights file ({first_line(err)})") from err
     for key in WRAPPER_KEYS:
         if isinstance(state, dict) and isinstance(state.get(key), dict):
             state = state[key]

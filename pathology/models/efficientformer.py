@@ -269,7 +269,7 @@ def create_model(
     Raises:
         KeyError: unknown ``name``.
         ValueError: bad ``mhsa_blocks`` or ``img_size``.
-        PretrainedLoadError: ``pretrained`` cannot be read or is for another architecture.
+        CheckpointError: ``pretrained`` cannot be read or is for another architecture.
     """
     if name not in MODEL_CONFIGS:
         raise KeyError(f"unknown model {name!r}; choose one of {list_models()}")
