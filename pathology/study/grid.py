@@ -1,6 +1,6 @@
 """A study config: one base YAML plus small override files, expanded into the cells of a grid.
 
-A config names the slides (a CSV with ``slide_id``, ``path``, ``split`` and one label column per
+A config names the slides (a CSV with ``slide_id``, ``slide_path``, ``split`` and one label column per
 task), the tasks and their classes, the grid (resolutions, MHSA placements, tile sizes, seeds) and
 the training config files the ``pathology train`` parser reads. Later files override earlier ones
 key by key; relative paths are read from the folder of the file that gives them. Example::
@@ -32,6 +32,12 @@ __all__ = ["StudyConfigError", "Cell", "Study", "expand_grid", "load_study", "mh
 
 GRID_KEYS = ("resolution", "mhsa_blocks", "tile_size", "seed")
 PATH_KEYS = ("slides_csv",)
+OPTIONAL_KEYS = {  # Study field: (config section, key, conversion); an absent key keeps Study's default
+    "min_tissue": ("tiling", "min_tissue", float),
+    "aggregations": ("inference", "aggregations", lambda values: [str(v) for v in values]),
+    "infer_batch_size": ("inference", "batch_size", int),
+    "speed_batch_size": ("speed", "batch_size", int),
+}
 
 
 class StudyConfigError(ValueError):
@@ -187,15 +193,13 @@ def load_study(paths: list[str | Path], slides_csv: str | Path | None = None) ->
         if key not in data:
             raise StudyConfigError(f"{where}: missing key {key!r}")
     tasks = {str(k): [str(c) for c in v] for k, v in data["tasks"].items()}
-    train, inference = data["train"], data.get("inference", {})
+    train = data["train"]
+    options = {name: convert(data[section][key]) for name, (section, key, convert) in OPTIONAL_KEYS.items()
+               if key in data.get(section, {})}
     study = Study(slides_csv=Path(data["slides_csv"]), tasks=tasks,
                   cells=expand_grid(data["grid"], list(tasks), where),
                   train_configs=[Path(c) for c in _as_list(train.get("configs", []))],
-                  train_args=[str(a) for a in train.get("args", [])],
-                  min_tissue=float(data.get("tiling", {}).get("min_tissue", 0.5)),
-                  aggregations=[str(a) for a in inference.get("aggregations", ["mean", "max"])],
-                  infer_batch_size=int(inference.get("batch_size", 64)),
-                  speed_batch_size=int(data.get("speed", {}).get("batch_size", 16)))
+                  train_args=[str(a) for a in train.get("args", [])], **options)
     for path in [study.slides_csv, *study.train_configs]:
         if not path.is_file():
             raise StudyConfigError(f"{where}: {path} not found")
