@@ -229,7 +229,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--min-tissue", type=_fraction, default=0.5, metavar="FRACTION",
                         help="keep tiles at least this fraction tissue (default 0.5; 0 keeps all)")
     parser.add_argument("--slide-mpp", type=_positive_float, metavar="X",
-                        help="level-0 µm/px for slides whose metadata lacks it (a CSV mpp column wins)")
+                        help="level-0 µm/px for slides whose metadata lacks it; overrides every slide's "
+                             "metadata (a CSV mpp column wins)")
     parser.add_argument("--workers", type=_positive_int, default=os.cpu_count() or 1, metavar="N",
                         help="parallel workers (default: all cores)")
     parser.add_argument("--save-tiles", action="store_true", help="store tile pixels in the h5 (dataset 'tiles')")
