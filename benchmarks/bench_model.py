@@ -28,6 +28,7 @@ import torch
 from torch import nn
 from tqdm import tqdm
 
+from pathology.atomic import atomic_path
 from pathology.models import create_model, optimize_for_inference
 
 BASELINE_SIZE = 224
@@ -154,9 +155,8 @@ def main(argv: list[str] | None = None) -> int:
     table = format_table(header, rows, latency, throughput, args.sizes)
     print(table)
     if args.out:
-        tmp = args.out.with_name(f".{args.out.name}.tmp")
-        tmp.write_text(table + "\n")
-        tmp.replace(args.out)
+        with atomic_path(args.out) as tmp:
+            tmp.write_text(table + "\n")
     return 0
 
 
