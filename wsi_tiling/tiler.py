@@ -164,8 +164,8 @@ def _write_tiles(slide: SlideReader, plan: ReadPlan, indices: np.ndarray, tile_s
     def read(block: np.ndarray) -> list[EncodedTile]:
         return _read_block(slide, plan, indices[block], tile_size, overlap)
 
-    shown = None if progress else True  # tqdm: None = only on a terminal
-    with tqdm(total=len(indices), unit="tile", desc=writer.path.stem, leave=False, disable=shown) as bar:
+    hidden = None if progress else True  # tqdm's disable: None = shown only on a terminal
+    with tqdm(total=len(indices), unit="tile", desc=writer.path.stem, leave=False, disable=hidden) as bar:
         for block, chunks in zip(blocks, _windowed_map(read, blocks, threads)):
             for position, tile in zip(block, chunks):
                 writer.write_encoded(int(position), tile)
