@@ -13,18 +13,15 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
-import matplotlib
+import numpy as np
+import pandas as pd
+from matplotlib.figure import Figure
+from sklearn.metrics import balanced_accuracy_score, confusion_matrix, roc_auc_score, roc_curve
 
-matplotlib.use("Agg")
-import matplotlib.pyplot as plt  # noqa: E402
-import numpy as np  # noqa: E402
-import pandas as pd  # noqa: E402
-from sklearn.metrics import balanced_accuracy_score, confusion_matrix, roc_auc_score, roc_curve  # noqa: E402
-
-from pathology.inference.aggregate import parse_aggregation  # noqa: E402
-from pathology.inference.calibrate import decide  # noqa: E402
-from pathology.atomic import atomic_path  # noqa: E402
-from pathology.inference.results import (  # noqa: E402
+from pathology.atomic import atomic_path
+from pathology.inference.aggregate import parse_aggregation
+from pathology.inference.calibrate import decide
+from pathology.inference.results import (
     CALIBRATED,
     labelled_slides,
     scores,
@@ -92,7 +89,8 @@ def plot_roc(path: Path, labels: np.ndarray, slide_scores: np.ndarray, class_nam
              title: str) -> Path:
     """Writes the ROC curve(s) of one method: class 1 for two classes, one-vs-rest per class otherwise."""
     classes = [1] if len(class_names) == 2 else range(len(class_names))
-    fig, ax = plt.subplots(figsize=(4.5, 4.5))
+    fig = Figure(figsize=(4.5, 4.5))
+    ax = fig.subplots()
     for c in classes:
         if (labels == c).all() or not (labels == c).any():
             continue
@@ -103,7 +101,6 @@ def plot_roc(path: Path, labels: np.ndarray, slide_scores: np.ndarray, class_nam
     ax.legend(loc="lower right", fontsize="small")
     with atomic_path(path) as tmp:
         fig.savefig(tmp, dpi=120, bbox_inches="tight")
-    plt.close(fig)
     return path
 
 

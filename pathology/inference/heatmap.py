@@ -9,13 +9,10 @@ from __future__ import annotations
 from collections.abc import Sequence
 from pathlib import Path
 
-import matplotlib
+import numpy as np
+from matplotlib.figure import Figure
 
-matplotlib.use("Agg")
-import matplotlib.pyplot as plt  # noqa: E402
-import numpy as np  # noqa: E402
-
-from pathology.atomic import atomic_path  # noqa: E402
+from pathology.atomic import atomic_path
 
 __all__ = ["save_gallery", "save_heatmap", "tile_value_map"]
 
@@ -63,7 +60,8 @@ def save_heatmap(path: str | Path, thumbnail: np.ndarray, value_map: np.ndarray,
         title: figure title, e.g. ``slide_7: tumour``.
     """
     height, width = thumbnail.shape[:2]
-    fig, ax = plt.subplots(figsize=(FIGURE_INCHES, FIGURE_INCHES * height / width + 0.6))
+    fig = Figure(figsize=(FIGURE_INCHES, FIGURE_INCHES * height / width + 0.6))
+    ax = fig.subplots()
     ax.imshow(thumbnail)
     overlay = ax.imshow(np.ma.masked_invalid(value_map), cmap=HEATMAP_CMAP, vmin=0, vmax=1, alpha=HEATMAP_ALPHA)
     fig.colorbar(overlay, ax=ax, fraction=0.046, pad=0.02, label="probability")
@@ -71,7 +69,6 @@ def save_heatmap(path: str | Path, thumbnail: np.ndarray, value_map: np.ndarray,
     ax.axis("off")
     with atomic_path(path) as tmp:
         fig.savefig(tmp, dpi=DPI, bbox_inches="tight")
-    plt.close(fig)
     return Path(path)
 
 
@@ -87,7 +84,8 @@ def save_gallery(path: str | Path, tiles: Sequence[np.ndarray], scores: Sequence
         columns: tiles per row.
     """
     rows = max(1, -(-len(tiles) // columns))
-    fig, axes = plt.subplots(rows, columns, figsize=(2 * columns, 2 * rows + 0.4), squeeze=False)
+    fig = Figure(figsize=(2 * columns, 2 * rows + 0.4))
+    axes = fig.subplots(rows, columns, squeeze=False)
     for ax in axes.flat:
         ax.axis("off")
     for ax, tile, score in zip(axes.flat, tiles, scores, strict=False):
@@ -96,5 +94,4 @@ def save_gallery(path: str | Path, tiles: Sequence[np.ndarray], scores: Sequence
     fig.suptitle(title, fontsize="small")
     with atomic_path(path) as tmp:
         fig.savefig(tmp, dpi=DPI, bbox_inches="tight")
-    plt.close(fig)
     return Path(path)
