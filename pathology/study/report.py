@@ -19,6 +19,7 @@ import pandas as pd  # noqa: E402
 from scipy import stats  # noqa: E402
 
 from pathology.atomic import atomic_path  # noqa: E402
+from wsi_tiling.resolution import MPP_TIMES_POWER  # noqa: E402
 
 __all__ = ["GROUP_COLUMNS", "REPORT_METRICS", "mean_ci", "summarise", "markdown_table", "pareto_front",
            "plot_metric_vs_resolution", "plot_pareto", "write_report"]
@@ -45,8 +46,8 @@ def mean_ci(values: Sequence[float], level: float = CI_LEVEL, bounds: tuple[floa
 
 
 def _field_of_view_um(rows: pd.DataFrame) -> pd.Series:
-    """Tile edge in µm where the resolution is in µm/px; objective power uses 10 / power µm/px."""
-    mpp = np.where(rows["unit"] == "mpp", rows["mpp_or_power"], 10.0 / rows["mpp_or_power"])
+    """Tile edge in µm where the resolution is in µm/px; objective power uses wsi_tiling's 10 / power µm/px."""
+    mpp = np.where(rows["unit"] == "mpp", rows["mpp_or_power"], MPP_TIMES_POWER / rows["mpp_or_power"])
     return pd.Series(mpp * rows["tile_size"], index=rows.index)
 
 
