@@ -23,6 +23,7 @@ from pathlib import Path
 import torch
 import yaml
 
+from pathology.atomic import atomic_path
 from pathology.models import create_model
 from pathology.training.cli import fit
 
@@ -118,10 +119,8 @@ def main() -> None:
         "img_size": config["model"]["img_size"], "training_tiles_per_s": 1 / tile_s,
         "machine": f"{platform.processor() or platform.machine()}, {torch.get_num_threads()} torch threads",
     }
-    args.out.mkdir(parents=True, exist_ok=True)
-    tmp = args.out / ".results.json.tmp"
-    tmp.write_text(json.dumps(report, indent=2))
-    tmp.replace(args.out / "results.json")
+    with atomic_path(args.out / "results.json") as tmp:
+        tmp.write_text(json.dumps(report, indent=2))
     print(json.dumps(report, indent=2))
 
 
