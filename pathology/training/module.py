@@ -169,7 +169,7 @@ class TileClassifier(L.LightningModule):
         """Warm-up and cosine over the trainer's current total of steps (read each step, so a
         re-planned ``max_epochs``, e.g. by :class:`~pathology.training.budget.TimeBudget`, is followed)."""
         total = self.trainer.estimated_stepping_batches
-        if not math.isfinite(total):  # no epoch or step limit (e.g. only max_time): warm-up is one step, no decay
+        if not math.isfinite(total):  # no epoch or step limit (e.g. only max_time): constant rate, no warm-up or decay
             return 1.0
         total = max(1, int(total))
         return warmup_cosine(step, max(1, round(self.hparams.warmup_fraction * total)), total)
