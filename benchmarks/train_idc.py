@@ -40,11 +40,11 @@ TIME_SAFETY = 1.1  # the hard stop (Lightning's max_time) allows 10 % over the p
 def seconds_per_tile(config: dict) -> float:
     """Wall-clock seconds per training tile: forward + backward + AdamW step on one batch."""
     model_cfg, batch = config["model"], config["data"]["batch_size"]
-    model = create_model(model_cfg["model_name"], num_classes=len(config["data"]["class_names"]),
-                         img_size=model_cfg["img_size"])
+    n_classes = len(config["data"]["class_names"])
+    model = create_model(model_cfg["model_name"], num_classes=n_classes, img_size=model_cfg["img_size"])
     optimizer = torch.optim.AdamW(model.parameters())
     images = torch.randn(batch, 3, model_cfg["img_size"], model_cfg["img_size"])
-    labels = torch.randint(0, 2, (batch,))
+    labels = torch.randint(0, n_classes, (batch,))
     for step in range(TIMED_STEPS + 1):
         if step == 1:
             start = time.perf_counter()
