@@ -27,7 +27,8 @@ from pathology.inference.predict import RunOptions
 from pathology.study.demo_data import TASKS, make_demo_slides
 from pathology.study.grid import Study, StudyConfigError, load_study
 from pathology.study.report import write_report
-from pathology.study.run import STATUS_OK, StudyError, add_threads_option, apply_threads, read_slides, run_study
+from pathology.study.run import (STATUS_OK, StudyError, add_threads_option, apply_threads, read_slides, run_study,
+                                 write_test_slides)
 
 __all__ = ["DEMO_CONFIG", "best_cells", "run_demo", "main"]
 
@@ -65,9 +66,7 @@ def _infer_best(study: Study, results: pd.DataFrame, out_dir: Path) -> list[str]
     lines = ["## Heatmaps of each task's best cell", ""]
     for task, cell in best_cells(results).items():
         run_dir = out_dir / "inference" / task
-        run_dir.mkdir(parents=True, exist_ok=True)
-        test[["slide_id", "slide_path", "mpp"]].to_csv(run_dir / "test_slides.csv", index=False)
-        table = infer_slides(cell["checkpoint"], [run_dir / "test_slides.csv"], run_dir,
+        table = infer_slides(cell["checkpoint"], [write_test_slides(test, run_dir)], run_dir,
                              aggregations=study.aggregations, tiles_dir=out_dir / "tiles", calibration=None,
                              run=RunOptions(batch_size=study.infer_batch_size, num_workers=0),
                              extras=Extras(heatmaps=True, geojson=True))

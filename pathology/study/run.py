@@ -43,7 +43,7 @@ from pathology.training.metrics import classification_metrics
 from pathology.training.module import NonFiniteLossError
 from wsi_tiling import WsiTilingError, setting_name, tile_slide
 
-__all__ = ["StudyError", "read_slides", "run_cell", "run_study", "add_threads_option", "apply_threads", "main"]
+__all__ = ["StudyError", "read_slides", "write_test_slides", "run_cell", "run_study", "add_threads_option", "apply_threads", "main"]
 
 log = logging.getLogger(__name__)
 
@@ -79,6 +79,15 @@ def read_slides(path: Path, tasks: list[str]) -> pd.DataFrame:
     if "mpp" not in df.columns:
         df["mpp"] = ""
     return df
+
+
+def write_test_slides(test: pd.DataFrame, run_dir: Path) -> Path:
+    """Writes ``run_dir/test_slides.csv`` (``slide_id``, ``slide_path``, ``mpp``), the slide list inference reads."""
+    run_dir.mkdir(parents=True, exist_ok=True)
+    path = run_dir / "test_slides.csv"
+    with atomic_path(path) as tmp:
+        test[["slide_id", "slide_path", "mpp"]].to_csv(tmp, index=False)
+    return path
 
 
 def _tile(study: Study, cell: Cell, slides: pd.DataFrame, tiles_root: Path) -> Path:
@@ -135,10 +144,7 @@ def _evaluate(study: Study, cell: Cell, test: pd.DataFrame, run_dir: Path, tiles
               checkpoint: Path) -> dict[str, float]:
     """Infers the test slides once; scores their tiles (each labelled as its slide) and the slides
     (the first aggregation's scores and predicted labels)."""
-    run_dir.mkdir(parents=True, exist_ok=True)
-    slides_csv = run_dir / "test_slides.csv"
-    test[["slide_id", "slide_path", "mpp"]].to_csv(slides_csv, index=False)
-    table = infer_slides(checkpoint, [slides_csv], run_dir, aggregations=study.aggregations, tiles_dir=tiles_root,
+    table = infer_slides(checkpoint, [write_test_slides(test, run_dir)], run_dir, aggregations=study.aggregations, tiles_dir=tiles_root,
                          min_tissue=study.min_tissue, calibration=None,
                          run=RunOptions(batch_size=study.infer_batch_size, num_workers=0))
     classes = study.tasks[cell.task]
