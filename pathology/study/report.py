@@ -10,16 +10,13 @@ from __future__ import annotations
 from collections.abc import Sequence
 from pathlib import Path
 
-import matplotlib
+import numpy as np
+import pandas as pd
+from matplotlib.figure import Figure
+from scipy import stats
 
-matplotlib.use("Agg")
-import matplotlib.pyplot as plt  # noqa: E402
-import numpy as np  # noqa: E402
-import pandas as pd  # noqa: E402
-from scipy import stats  # noqa: E402
-
-from pathology.atomic import atomic_path  # noqa: E402
-from wsi_tiling.resolution import MPP_TIMES_POWER  # noqa: E402
+from pathology.atomic import atomic_path
+from wsi_tiling.resolution import MPP_TIMES_POWER
 
 __all__ = ["GROUP_COLUMNS", "REPORT_METRICS", "mean_ci", "summarise", "markdown_table", "pareto_front",
            "plot_metric_vs_resolution", "plot_pareto", "write_report"]
@@ -103,7 +100,8 @@ def pareto_front(speed: np.ndarray, value: np.ndarray) -> np.ndarray:
 def plot_metric_vs_resolution(summary: pd.DataFrame, path: Path, metric: str = PLOT_METRIC) -> Path:
     """One panel per task: ``metric`` (mean and 95 % CI) against tile field of view, a line per MHSA placement."""
     tasks = list(dict.fromkeys(summary["task"]))
-    fig, axes = plt.subplots(1, len(tasks), figsize=(4.5 * len(tasks), 3.6), squeeze=False)
+    fig = Figure(figsize=(4.5 * len(tasks), 3.6))
+    axes = fig.subplots(1, len(tasks), squeeze=False)
     for ax, task in zip(axes[0], tasks):
         rows = summary[summary["task"] == task]
         for (mhsa, tile), line in rows.groupby(["mhsa_blocks", "tile_size"], sort=False):
@@ -127,7 +125,8 @@ def plot_pareto(results: pd.DataFrame, path: Path, metric: str = PLOT_METRIC) ->
     """``metric`` against measured throughput per cell, one panel per task, Pareto front joined."""
     ok = results[results["status"] == "ok"]
     tasks = list(dict.fromkeys(ok["task"]))
-    fig, axes = plt.subplots(1, len(tasks), figsize=(4.5 * len(tasks), 3.6), squeeze=False)
+    fig = Figure(figsize=(4.5 * len(tasks), 3.6))
+    axes = fig.subplots(1, len(tasks), squeeze=False)
     for ax, task in zip(axes[0], tasks):
         rows = ok[ok["task"] == task]
         for (res, mhsa), group in rows.groupby(["resolution", "mhsa_blocks"], sort=False):
@@ -139,11 +138,10 @@ def plot_pareto(results: pd.DataFrame, path: Path, metric: str = PLOT_METRIC) ->
     return _save(fig, path)
 
 
-def _save(fig: plt.Figure, path: Path) -> Path:
+def _save(fig: Figure, path: Path) -> Path:
     fig.tight_layout()
     with atomic_path(path) as tmp:
         fig.savefig(tmp, dpi=110, format="png")
-    plt.close(fig)
     return path
 
 
