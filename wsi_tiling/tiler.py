@@ -10,6 +10,7 @@ import hashlib
 import json
 import logging
 import math
+import threading
 import time
 from collections.abc import Callable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -36,6 +37,7 @@ log = logging.getLogger(__name__)
 
 MAX_THUMBNAIL_SIDE = 8192  # tissue-mask thumbnail edge cap, pixels
 HASH_CHARS = 16
+BLOCKS_PER_THREAD = 4  # enough blocks that threads finish together
 
 
 @dataclass(frozen=True)
@@ -106,9 +108,18 @@ def _finished_store(h5_path: Path, params_hash: str) -> int | None:
         return None
 
 
-def detect_tissue(slide: SlideReader, slide_mpp: float, params: TissueParams
-                  ) -> tuple[np.ndarray, np.ndarray, tuple[float, float]]:
+TissueMap = tuple[np.ndarray, np.ndarray, tuple[float, float]]
+_last_tissue: dict[tuple[Any, ...], TissueMap] = {}  # one slide: see detect_tissue
+_last_tissue_lock = threading.Lock()
+
+
+def detect_tissue(slide: SlideReader, slide_mpp: float, params: TissueParams) -> TissueMap:
     """The slide's thumbnail at ``params.mask_mpp`` and its tissue mask.
+
+    The last slide's result is remembered (keyed by the file's path, size and modification time,
+    the µm/px and the settings), so the several resolutions of one slide and its QC picture decode
+    the thumbnail once: on a single-level slide that is a decode of the whole slide. The arrays
+    are shared, hence read-only.
 
     Args:
         slide: the open slide.
@@ -118,14 +129,31 @@ def detect_tissue(slide: SlideReader, slide_mpp: float, params: TissueParams
     Returns:
         ((H, W, 3) uint8 RGB thumbnail, (H, W) bool mask, level-0 pixels per thumbnail pixel (x, y)).
     """
+    path = Path(slide.path).resolve()
+    stat = path.stat()
+    key = (str(path), stat.st_size, stat.st_mtime_ns, slide_mpp, params)
+    with _last_tissue_lock:
+        if key in _last_tissue:
+            return _last_tissue[key]
     thumbnail, scale = read_thumbnail(slide, MAX_THUMBNAIL_SIDE, mpp=params.mask_mpp, slide_mpp=slide_mpp)
-    return thumbnail, tissue_mask(thumbnail, slide_mpp * scale[0], params), scale
+    mask = tissue_mask(thumbnail, slide_mpp * scale[0], params)
+    thumbnail.setflags(write=False)
+    mask.setflags(write=False)
+    with _last_tissue_lock:
+        _last_tissue.clear()
+        _last_tissue[key] = (thumbnail, mask, scale)
+    return thumbnail, mask, scale
 
 
-def _block_tiles(tile_size: int, overlap: int, resize_factor: float) -> int:
-    """Block edge in tiles so that one block read stays within MAX_READ_PIXELS."""
+def _block_tiles(tile_size: int, overlap: int, resize_factor: float, n_tiles: int, threads: int) -> int:
+    """Block edge in tiles: one block read stays within MAX_READ_PIXELS, and with several threads
+    there are at least BLOCKS_PER_THREAD blocks per thread, so that no thread is left with most of
+    the slide (native tiles on block borders come from the reader's cache, not a second decode)."""
     edge = math.sqrt(MAX_READ_PIXELS) / resize_factor
-    return max(1, int((edge - tile_size) // (tile_size - overlap)) + 1)
+    memory_edge = max(1, int((edge - tile_size) // (tile_size - overlap)) + 1)
+    if threads <= 1:
+        return memory_edge
+    return max(1, min(memory_edge, math.isqrt(n_tiles // (BLOCKS_PER_THREAD * threads))))
 
 
 def _read_block(slide: SlideReader, plan: ReadPlan, indices: np.ndarray, tile_size: int,
@@ -159,7 +187,8 @@ def _windowed_map(function: Callable[[np.ndarray], list[EncodedTile]], items: li
 
 def _write_tiles(slide: SlideReader, plan: ReadPlan, indices: np.ndarray, tile_size: int, overlap: int,
                  writer: TileStoreWriter, threads: int, progress: bool) -> None:
-    blocks = group_into_blocks(indices, _block_tiles(tile_size, overlap, plan.resize_factor))
+    edge = _block_tiles(tile_size, overlap, plan.resize_factor, len(indices), threads)
+    blocks = group_into_blocks(indices, edge)
 
     def read(block: np.ndarray) -> list[EncodedTile]:
         return _read_block(slide, plan, indices[block], tile_size, overlap)

@@ -14,7 +14,10 @@ from tests.conftest import STRIPES_MPP, STRIPES_PERIOD_UM, STRIPES_TISSUE_UM
 from wsi_tiling import (InvalidParameterError, MissingResolutionError, OutputError, Resolution,
                         ResolutionUnavailableError, SlideOpenError, SlideReadError, TileReader,
                         tile_slide)
+from wsi_tiling import tiler as tiler_module
+from wsi_tiling.cli import main as wsi_tile
 from wsi_tiling.synthetic import StripesPainter, write_slide
+from wsi_tiling.tissue import TissueParams
 
 TILE_UM = 96.0  # small enough that whole tiles fit inside the stripes slide's tissue boxes
 
@@ -140,6 +143,48 @@ def test_lazy_reader_equals_stored_tiles(stripes_slide: Path, tmp_path: Path) ->
     assert not lazy.has_tiles and len(lazy) == len(stored) > 0
     for index in range(0, len(lazy), 5):
         assert (lazy[index] == stored[index]).all()
+
+
+def test_threads_split_the_slide_into_balanced_blocks_with_the_same_tiles(stripes_slide: Path, tmp_path: Path,
+                                                                         monkeypatch: pytest.MonkeyPatch) -> None:
+    block_sizes: list[int] = []
+    cut = tiler_module._read_block
+
+    def counting(slide, plan, indices, *args):  # noqa: ANN001, ANN202 - a pass-through spy
+        block_sizes.append(len(indices))
+        return cut(slide, plan, indices, *args)
+
+    monkeypatch.setattr(tiler_module, "_read_block", counting)
+    one = TileReader(tile_slide(stripes_slide, tmp_path / "1", Resolution(10, "power"), 32, min_tissue=0,
+                                save_tiles=True).h5_path)
+    assert len(block_sizes) == 1  # one thread: the largest block memory allows (the whole slide here)
+    block_sizes.clear()
+    four = TileReader(tile_slide(stripes_slide, tmp_path / "4", Resolution(10, "power"), 32, min_tissue=0,
+                                 save_tiles=True, threads=4).h5_path)
+    assert len(block_sizes) >= tiler_module.BLOCKS_PER_THREAD * 4 and max(block_sizes) <= len(four) / 8
+    assert (one.coords == four.coords).all()
+    assert all((one[i] == four[i]).all() for i in range(len(one)))
+
+
+def test_one_slide_decodes_its_thumbnail_once(stripes_slide: Path, tmp_path: Path,
+                                              monkeypatch: pytest.MonkeyPatch) -> None:
+    reads: list[Path] = []
+    thumbnail = tiler_module.read_thumbnail
+    monkeypatch.setattr(tiler_module, "read_thumbnail", lambda slide, *a, **k: reads.append(slide.path) or
+                        thumbnail(slide, *a, **k))
+    copy = tmp_path / "copy.svs"
+    copy.write_bytes(stripes_slide.read_bytes())
+    assert wsi_tile([str(copy), "--out", str(tmp_path / "out"), "--magnification", "10", "5", "2.5",
+                     "--tile-size", "64", "--workers", "1"]) == 0
+    assert len(reads) == 1  # three resolutions and the QC picture share one tissue detection
+    tiles_before = len(TileReader(next((tmp_path / "out").glob("10x_*/patches/copy.h5"))))
+    blank = TissueParams(min_saturation=255)  # new settings: detected again, and nothing is tissue
+    assert tile_slide(copy, tmp_path / "blank", Resolution(10, "power"), 64, tissue=blank).status == "no-tissue"
+    assert len(reads) == 2
+    painter = StripesPainter(STRIPES_MPP, STRIPES_PERIOD_UM, ((0.0, 0.0, 100.0, 100.0),))  # a smaller tissue box
+    write_slide(copy, painter, (3072, 3072), mpp=STRIPES_MPP, objective_power=40, downsamples=(1, 4, 16))
+    rewritten = tile_slide(copy, tmp_path / "rewritten", Resolution(10, "power"), 64)
+    assert len(reads) == 3 and 0 < rewritten.n_tiles < tiles_before  # a changed file is detected again
 
 
 def test_blank_slide_is_no_tissue_not_a_crash(blank_slide: Path, tmp_path: Path) -> None:
