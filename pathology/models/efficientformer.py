@@ -49,6 +49,9 @@ MODEL_CONFIGS: dict[str, VariantConfig] = {
     "efficientformer_l1": VariantConfig((48, 96, 224, 448), (3, 2, 6, 3), {32: 1}),
     "efficientformer_l3": VariantConfig((64, 128, 320, 512), (4, 4, 12, 2), {32: 4}),
     "efficientformer_l7": VariantConfig((96, 192, 384, 768), (6, 6, 18, 0), {32: 8}),
+    # Not a paper variant: a narrow, shallow model for the demo and tests (as timm's ``test_*`` models),
+    # trainable from scratch in a minute on a laptop CPU. No pretrained weights exist for it.
+    "efficientformer_tiny": VariantConfig((16, 32, 64, 128), (1, 1, 2, 1), {32: 1}),
 }
 
 

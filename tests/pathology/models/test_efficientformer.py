@@ -15,17 +15,19 @@ HEADS = 8  # timm's Attention default
 
 # Li et al. 2022, table of variants: L1 has 1, L3 4, L7 8 MHSA blocks, all at the end of the /32 stage
 PAPER_MHSA_AT_32 = {"efficientformer_l1": 1, "efficientformer_l3": 4, "efficientformer_l7": 8}
+DEFAULT_MHSA_AT_32 = PAPER_MHSA_AT_32 | {"efficientformer_tiny": 1}  # the demo's variant, not in the paper
 # L1 at every tile size; the bigger variants at one size whose grid is not timm's 7 x 7 (construction
-# of L7 alone takes seconds on a shared 2-core CPU)
+# of L7 alone takes seconds on a shared 2-core CPU); the tiny one at the demo's and tests' sizes
 FORWARD_CASES = [("efficientformer_l1", size) for size in (224, 256, 512)] + [
-    ("efficientformer_l3", 256), ("efficientformer_l7", 256)]
+    ("efficientformer_l3", 256), ("efficientformer_l7", 256)] + [
+    ("efficientformer_tiny", size) for size in (32, 64, 224)]
 
 
 @pytest.mark.parametrize("placement", ["32", "16+32"])
 @pytest.mark.parametrize(("name", "img_size"), FORWARD_CASES)
 def test_every_variant_runs_forward(name: str, img_size: int, placement: str) -> None:
     n_16 = 0 if placement == "32" else 2
-    mhsa = None if placement == "32" else {"16": n_16, "32": PAPER_MHSA_AT_32[name]}
+    mhsa = None if placement == "32" else {"16": n_16, "32": DEFAULT_MHSA_AT_32[name]}
     model = create_model(name, mhsa_blocks=mhsa, num_classes=N_CLASSES, img_size=img_size).eval()
     with torch.inference_mode():
         features = model.forward_features(torch.randn(1, 3, img_size, img_size))
@@ -37,11 +39,25 @@ def test_every_variant_runs_forward(name: str, img_size: int, placement: str) ->
     assert logits.shape == (1, N_CLASSES)
     assert torch.isfinite(logits).all()
     counts = [sum(isinstance(block, MhsaBlock) for block in stage.blocks) for stage in model.stages]
-    assert counts == [0, 0, n_16, PAPER_MHSA_AT_32[name]]
+    assert counts == [0, 0, n_16, DEFAULT_MHSA_AT_32[name]]
 
 
-def test_registry_lists_the_three_variants() -> None:
-    assert sorted(list_models()) == sorted(PAPER_MHSA_AT_32)
+def test_registry_lists_the_paper_variants_and_the_tiny_one() -> None:
+    assert sorted(list_models()) == sorted(DEFAULT_MHSA_AT_32)
+
+
+def _params(model: torch.nn.Module) -> int:
+    return sum(p.numel() for p in model.parameters())
+
+
+def test_tiny_variant_is_far_smaller_than_l1_with_the_same_block_types() -> None:
+    """The demo's variant: under a tenth of L1's parameters, built from the same four block types."""
+    tiny = create_model("efficientformer_tiny", mhsa_blocks={16: 1, 32: 1}, num_classes=2, img_size=64)
+    l1 = create_model("efficientformer_l1", mhsa_blocks={16: 1, 32: 1}, num_classes=2, img_size=64)
+    assert _params(tiny) < _params(l1) / 10
+    assert {type(m) for m in tiny.modules()} == {type(m) for m in l1.modules()}
+    # 64 px input: 4 x 4 tokens at /16 and 2 x 2 at /32, so both MHSA placements relate several tokens
+    assert [stage.grid for stage in tiny.stages[2:]] == [(4, 4), (2, 2)]
 
 
 def test_attention_biases_cover_the_real_token_grid() -> None:

@@ -186,6 +186,12 @@ def _write_bad(kind: str, tmp_path: Path, timm_l1_file: Path) -> Path:
     return path
 
 
+def test_l1_weights_do_not_load_into_the_tiny_variant(timm_l1_file: Path) -> None:
+    """The tiny variant has no pretrained weights; L1's are refused as another architecture's."""
+    with pytest.raises(CheckpointError, match="another architecture"):
+        create_model("efficientformer_tiny", img_size=64, pretrained=str(timm_l1_file))
+
+
 @pytest.mark.filterwarnings("ignore:Detected pickle protocol")
 @pytest.mark.parametrize("kind", ["l3 architecture", "not an efficientformer", "non-square biases", "truncated",
                                   "truncated safetensors", "code in pickle", "missing"])
