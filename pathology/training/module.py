@@ -49,6 +49,7 @@ class TileClassifier(L.LightningModule):
         img_size: int = 224,
         pretrained: str | None = None,
         drop_path_rate: float = 0.0,
+        layer_scale_init_value: float = 1e-5,
         lr: float = 1e-3,
         backbone_lr_scale: float = 1.0,
         weight_decay: float = 0.05,
@@ -66,6 +67,9 @@ class TileClassifier(L.LightningModule):
             img_size: model input edge in pixels (a multiple of 32).
             pretrained: weights file (or hub name) for the backbone; None trains from scratch.
             drop_path_rate: stochastic depth rate.
+            layer_scale_init_value: initial LayerScale of every block (timm's 1e-5 suits fine-tuning
+                pretrained weights; from scratch on few tiles, 1.0 lets the blocks learn within
+                hundreds of steps instead of starting as near-identities).
             lr: peak AdamW learning rate of the head.
             backbone_lr_scale: backbone learning rate as a fraction of ``lr``; 0 freezes the backbone.
             weight_decay: AdamW weight decay of weight matrices (not of biases and norms).
@@ -78,7 +82,8 @@ class TileClassifier(L.LightningModule):
         self.save_hyperparameters()
         self.resolution = Resolution.parse(resolution)
         self.model = create_model(model_name, mhsa_blocks=mhsa_blocks, num_classes=len(class_names),
-                                  img_size=img_size, pretrained=pretrained, drop_path_rate=drop_path_rate)
+                                  img_size=img_size, pretrained=pretrained, drop_path_rate=drop_path_rate,
+                                  layer_scale_init_value=layer_scale_init_value)
         weights = None if class_weights is None else torch.tensor(class_weights, dtype=torch.float32)
         self.register_buffer("loss_weights", weights, persistent=False)
         self._outputs: list[tuple[torch.Tensor, torch.Tensor]] = []

@@ -56,6 +56,17 @@ def test_backbone_learning_rate_scale_and_freezing() -> None:
     assert all(not p.requires_grad for n, p in frozen.model.named_parameters() if not n.startswith("head"))
 
 
+@pytest.mark.parametrize("value", [1e-5, 1.0])
+def test_layer_scale_init_value_reaches_every_block(value: float) -> None:
+    """Every pooling and MHSA block's two LayerScales start at the configured value."""
+    model = _classifier(model_name="efficientformer_tiny", mhsa_blocks={16: 1, 32: 1},
+                        layer_scale_init_value=value).model
+    gammas = {name: p for name, p in model.named_parameters() if name.endswith("gamma")}
+    n_blocks = sum(len(stage.blocks) for stage in model.stages)
+    assert len(gammas) == 2 * n_blocks
+    assert all(torch.all(p == value) for p in gammas.values())
+
+
 def test_nan_loss_stops_without_touching_the_checkpoint(tmp_path: Path) -> None:
     previous = tmp_path / "last.ckpt"
     previous.write_bytes(b"the last good checkpoint")
