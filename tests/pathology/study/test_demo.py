@@ -5,10 +5,11 @@ from pathlib import Path
 
 import pandas as pd
 
-from pathology.study.demo import DEMO_CONFIG, main
+from pathology.study.demo import DEMO_CONFIG, SLIDES_PER_GROUP, main
+from pathology.study.demo_data import make_demo_slides
 
 TINY_DEMO = """
-grid: {resolution: [2.5x], mhsa_blocks: ["32:1"], tile_size: [32], seed: [0]}
+grid: {resolution: [5x], mhsa_blocks: ["32:1"], tile_size: [64], seed: [0]}
 train: {configs: ["{train}", tiny_train.yaml]}
 """
 
@@ -18,12 +19,14 @@ def test_demo_writes_report_predictions_heatmaps_and_geojson(tmp_path: Path, cap
     override = tmp_path / "tiny_demo.yaml"
     override.write_text(TINY_DEMO.replace("{train}", str(DEMO_CONFIG.parent / "study_train_demo.yaml")))
     out = tmp_path / "demo"
+    # Slides of 256 µm instead of the demo's 1024 (a sixteenth of the pixels to paint); the demo reuses them.
+    manifest = make_demo_slides(out / "data", per_group=SLIDES_PER_GROUP, size_um=(256.0, 256.0), nest_um=30.0)
+    written = manifest.stat().st_mtime_ns
     assert main(["--out", str(out), "--config", str(DEMO_CONFIG), "--config", str(override)]) == 0
     assert capsys.readouterr().out.strip().endswith(f"report: {out / 'report.md'}")
     results = pd.read_csv(out / "results.csv")
     assert results["task"].tolist() == ["chromatin", "architecture"]  # one grid point per task
-    slides = pd.read_csv(out / "data" / "slides.csv")
-    assert len(slides) == 20  # 4 label pairs x (3 train + 1 val + 1 test)
+    assert manifest.stat().st_mtime_ns == written
     report = (out / "report.md").read_text()
     for task, positive in (("chromatin", "coarse"), ("architecture", "cords")):
         predicted = pd.read_csv(out / "inference" / task / "slides.csv")

@@ -12,10 +12,11 @@ from pathology.study.demo_data import DemoTissuePainter, make_demo_slides, read_
 
 MPP = 0.5  # level-0 µm/px of the demo slides (20x)
 SIZE_UM = (512.0, 512.0)
-NEST_UM = 30.0  # nests 60 µm across: a 128 µm field holds about two, a 16 µm field a sliver
+NEST_UM = 30.0  # nests 60 µm across: a 128 µm field holds about two, a 32 µm field part of one
 TILES_PER_SLIDE = 24
-TILE_PX = 32
-HIGH, LOW = 1, 8  # downsamples: 0.5 µm/px (16 µm field) and 4 µm/px (128 µm field)
+TILE_PX = 64  # the demo's tiles
+HIGH, LOW = 1, 4  # downsamples: 0.5 µm/px (20x, 32 µm field) and 2 µm/px (5x, 128 µm field), the demo's
+STEPS, BATCH = 150, 16  # 16 tiles of 64 px: as many pixels a step as the 64 tiles of 32 px this test used before
 
 
 def _painter(coarse: bool, cords: bool, seed: int) -> DemoTissuePainter:
@@ -76,8 +77,8 @@ def _tiny_cnn_accuracy(task: str, downsample: int) -> float:
     model = nn.Sequential(*_block(3, 16), nn.MaxPool2d(2), *_block(16, 16), nn.MaxPool2d(2), *_block(16, 32),
                           nn.MaxPool2d(2), *_block(32, 32), nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(32, 2))
     optimiser = torch.optim.Adam(model.parameters(), lr=3e-3)
-    for _ in range(150):
-        batch = torch.randint(len(x_train), (64,))
+    for _ in range(STEPS):
+        batch = torch.randint(len(x_train), (BATCH,))
         x = torch.rot90(x_train[batch], int(torch.randint(4, ())), (2, 3))
         x = x.flip(3) if torch.rand(()) < 0.5 else x
         loss = nn.functional.cross_entropy(model(x), y_train[batch])

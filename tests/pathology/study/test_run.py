@@ -8,6 +8,7 @@ import h5py
 import pandas as pd
 import pytest
 
+from pathology.models import create_model
 from pathology.study.grid import load_study
 from pathology.study.run import RESULT_JSON, StudyError, main, read_slides, run_study
 
@@ -19,9 +20,12 @@ def test_every_cell_is_trained_evaluated_and_timed(tiny_study) -> None:
     assert results["status"].tolist() == ["ok", "ok"]
     assert results["seed"].tolist() == [0, 1]
     assert not results["cached"].any()
+    # the demo's training config names efficientformer_tiny; the cells are 32 px, two classes
+    trained = create_model("efficientformer_tiny", mhsa_blocks={32: 1}, num_classes=2, img_size=32)
     for row in results.itertuples():
         assert 0.0 <= row.tile_balanced_accuracy <= 1.0 and 0.0 <= row.slide_accuracy <= 1.0
-        assert row.params > 1e6 and row.macs > 0 and row.throughput > 0
+        assert row.params == sum(p.numel() for p in trained.parameters())
+        assert row.macs > 0 and row.throughput > 0
         stored = json.loads((out / "cells" / row.cell / RESULT_JSON).read_text())
         assert stored["fingerprint"] == row.fingerprint
         assert Path(row.checkpoint).is_file()
