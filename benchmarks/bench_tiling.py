@@ -171,7 +171,7 @@ def main() -> None:
             write_slide(large, TexturePainter(make_texture(), LARGE_SIZE_PX), LARGE_SIZE_PX, mpp=0.25,
                         objective_power=40, downsamples=(1, 4, 16))
         for power in (20, 10):
-            bench_case("synthetic 40x 20k²", large, Resolution(power, "power"), workdir, repeats=1)
+            bench_case("synthetic 40x 20k²", large, Resolution(power, "power"), workdir, repeats=3)
         if not args.skip_big:
             huge = workdir / "huge_40x.svs"
             if not huge.is_file():
