@@ -168,10 +168,12 @@ def _rows(slides: Sequence[_Slide]) -> pd.DataFrame:
 
 
 def _finish(slides: Sequence[_Slide], predictions: TilePredictions, spec: ModelSpec, out_dir: Path,
-            aggregations: Sequence[Aggregation], calibration: Calibration | None, extras: Extras) -> None:
+            aggregations: Sequence[Aggregation], calibration: Calibration | None, extras: Extras,
+            progress_bar: bool) -> None:
     """Writes each slide's tile predictions and pictures and fills its row of ``slides.csv``."""
     offset = 0
-    for slide in tqdm([s for s in slides if s.status == STATUS_OK], desc="slides", unit="slide"):
+    done = [s for s in slides if s.status == STATUS_OK]
+    for slide in tqdm(done, desc="slides", unit="slide", disable=not progress_bar):
         rows = slice(offset, offset + slide.n_tiles)
         offset += slide.n_tiles
         probs = predictions.probs[rows]
@@ -226,7 +228,7 @@ def infer_slides(checkpoint: str | Path, slides: Sequence[str | Path], out_dir: 
     todo = [_Slide(replace(job, mpp=job.mpp or slide_mpp)) for job in jobs]
     failed = [_Slide(SlideJob(p.path, p.path.stem), STATUS_ERROR, p.message) for p in problems]
     start = time.perf_counter()
-    for slide in tqdm(todo, desc="tiling", unit="slide"):
+    for slide in tqdm(todo, desc="tiling", unit="slide", disable=not run.progress_bar):
         _tile(slide, spec, Path(tiles_dir) if tiles_dir else out_dir / "tiles", min_tissue)
     timing = {"tiling": time.perf_counter() - start}
     if any(s.status == STATUS_OK for s in todo):
@@ -237,7 +239,7 @@ def infer_slides(checkpoint: str | Path, slides: Sequence[str | Path], out_dir: 
         timing["predict"] = time.perf_counter() - start
         if predictions is None:  # a DDP rank other than 0: rank 0 writes the results
             return None
-        _finish(todo, predictions, spec, out_dir, methods, loaded, extras)
+        _finish(todo, predictions, spec, out_dir, methods, loaded, extras, run.progress_bar)
     every = sorted(todo + failed, key=lambda s: s.job.slide_id)
     table = _rows(every)
     write_run(out_dir, table, _summary(checkpoint, spec, methods, loaded, every, timing))

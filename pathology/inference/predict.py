@@ -44,7 +44,7 @@ class RunOptions:
         strategy: Lightning strategy, e.g. ``ddp``; ``auto`` picks one.
         precision: ``32-true``, or e.g. ``bf16-mixed`` / ``16-mixed`` on GPUs.
         num_nodes: machines taking part.
-        progress_bar: show Lightning's progress bar while predicting.
+        progress_bar: show progress bars (slides tiled, Lightning's prediction, slides written).
     """
 
     batch_size: int = 64

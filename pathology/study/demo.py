@@ -15,7 +15,6 @@ Rerunning with the same ``--out`` reuses the slides and every finished cell.
 from __future__ import annotations
 
 import argparse
-import logging
 import sys
 from pathlib import Path
 
@@ -27,7 +26,7 @@ from pathology.inference.predict import RunOptions
 from pathology.study.demo_data import TASKS, make_demo_slides
 from pathology.study.grid import Study, StudyConfigError, load_study
 from pathology.study.report import write_report
-from pathology.study.run import (STATUS_OK, StudyError, add_threads_option, apply_threads, read_slides, run_study,
+from pathology.study.run import (STATUS_OK, StudyError, add_threads_option, prepare_console, read_slides, run_study,
                                  write_test_slides)
 
 __all__ = ["DEMO_CONFIG", "best_cells", "run_demo", "main"]
@@ -50,9 +49,10 @@ tile at 20x sees part of one nest or cord (epithelium, stroma or a gently curved
 accuracy for chromatin only at 20x and for architecture only at 5x, near 0.5 (chance) elsewhere;
 the table and the first plot show whether it did. The model is the small `efficientformer_tiny`
 trained from scratch for 300 steps. With 64 px tiles the /32 stage holds 2 x 2 tokens and the /16
-stage 4 x 4, so the two MHSA placements differ, but on tasks this easy both reach the same
-accuracy: placement shows in the cost (parameters, MACs, throughput in the Pareto plot), not in
-what is learned. On real tiles of 224 px or more it changes what the model can relate across the tile.
+stage 4 x 4, so the two MHSA placements differ; on tasks this easy expect both to reach similar
+accuracy, within the spread between seeds, so placement shows in the cost (parameters, MACs,
+throughput in the Pareto plot) rather than in what is learned. On real tiles of 224 px or more it
+can change what the model relates across the tile.
 """
 
 
@@ -71,7 +71,7 @@ def _infer_best(study: Study, results: pd.DataFrame, out_dir: Path) -> list[str]
         run_dir = out_dir / "inference" / task
         table = infer_slides(cell["checkpoint"], [write_test_slides(test, run_dir)], run_dir,
                              aggregations=study.aggregations, tiles_dir=out_dir / "tiles", calibration=None,
-                             run=RunOptions(batch_size=study.infer_batch_size, num_workers=0),
+                             run=RunOptions(batch_size=study.infer_batch_size, num_workers=0, progress_bar=False),
                              extras=Extras(heatmaps=True, geojson=True))
         positive = study.tasks[task][1]
         lines += [f"### {task}: cell `{cell['cell']}`", "",
@@ -109,8 +109,7 @@ def main(argv: list[str]) -> int:
                         help=f"study config(s) instead of {DEMO_CONFIG.name}; later files override earlier ones")
     add_threads_option(parser)
     args = parser.parse_args(argv)
-    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
-    apply_threads(args.threads)
+    prepare_console(args.threads)
     try:
         report = run_demo(args.out, args.config)
     except (StudyConfigError, StudyError) as err:

@@ -19,6 +19,7 @@ import json
 import logging
 import sys
 import time
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -43,7 +44,8 @@ from pathology.training.metrics import classification_metrics
 from pathology.training.module import NonFiniteLossError
 from wsi_tiling import WsiTilingError, setting_name, tile_slide
 
-__all__ = ["StudyError", "read_slides", "write_test_slides", "run_cell", "run_study", "add_threads_option", "apply_threads", "main"]
+__all__ = ["StudyError", "read_slides", "write_test_slides", "run_cell", "run_study", "add_threads_option", "prepare_console",
+           "main"]
 
 log = logging.getLogger(__name__)
 
@@ -144,9 +146,9 @@ def _evaluate(study: Study, cell: Cell, test: pd.DataFrame, run_dir: Path, tiles
               checkpoint: Path) -> dict[str, float]:
     """Infers the test slides once; scores their tiles (each labelled as its slide) and the slides
     (the first aggregation's scores and predicted labels)."""
-    table = infer_slides(checkpoint, [write_test_slides(test, run_dir)], run_dir, aggregations=study.aggregations, tiles_dir=tiles_root,
-                         min_tissue=study.min_tissue, calibration=None,
-                         run=RunOptions(batch_size=study.infer_batch_size, num_workers=0))
+    table = infer_slides(checkpoint, [write_test_slides(test, run_dir)], run_dir, aggregations=study.aggregations,
+                         tiles_dir=tiles_root, min_tissue=study.min_tissue, calibration=None,
+                         run=RunOptions(batch_size=study.infer_batch_size, num_workers=0, progress_bar=False))
     classes = study.tasks[cell.task]
     table = table[table["status"] == STATUS_OK].merge(test[["slide_id", cell.task]], on="slide_id")
     labels = table[cell.task].map(classes.index).to_numpy()
@@ -256,8 +258,14 @@ def add_threads_option(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--threads", type=int, help="torch CPU threads (default: torch's choice)")
 
 
-def apply_threads(threads: int | None) -> None:
-    """Sets torch's intra-op thread count when ``threads`` is given."""
+def prepare_console(threads: int | None) -> None:
+    """Sets torch's intra-op thread count when ``threads`` is given, and leaves the console to the
+    study's own progress bar and messages: each cell's Lightning runs would otherwise print
+    accelerator lines, seeds, tips and a deprecation warning from inside Lightning, 16 times over."""
+    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    for name in ("lightning.pytorch", "lightning.fabric"):
+        logging.getLogger(name).setLevel(logging.WARNING)
+    warnings.filterwarnings("ignore", message=r"`isinstance\(treespec, LeafSpec\)` is deprecated")
     if threads:
         import torch
 
@@ -267,8 +275,7 @@ def apply_threads(threads: int | None) -> None:
 def main(argv: list[str]) -> int:
     """Entry point of ``pathology study``; prints where the report is; exit 1 if any cell failed."""
     args = _parser().parse_args(argv)
-    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
-    apply_threads(args.threads)
+    prepare_console(args.threads)
     try:
         study = load_study(args.config, args.slides)
         results = run_study(study, args.out)

@@ -1,6 +1,7 @@
 """``pathology demo`` end to end with a one-point grid: slides, study, best-cell inference, report."""
 from __future__ import annotations
 
+import logging
 from pathlib import Path
 
 import pandas as pd
@@ -14,7 +15,18 @@ train: {configs: ["{train}", tiny_train.yaml]}
 """
 
 
-def test_demo_writes_report_predictions_heatmaps_and_geojson(tmp_path: Path, capsys) -> None:
+class _Records(logging.Handler):
+    """Collects the records that reach a logger whatever its handlers and propagation."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.messages: list[str] = []
+
+    def emit(self, record: logging.LogRecord) -> None:
+        self.messages.append(record.getMessage())
+
+
+def test_demo_writes_report_predictions_heatmaps_and_geojson(tmp_path: Path, capfd, recwarn) -> None:
     (tmp_path / "tiny_train.yaml").write_text("trainer: {max_epochs: 1, limit_train_batches: 2}\n")
     override = tmp_path / "tiny_demo.yaml"
     override.write_text(TINY_DEMO.replace("{train}", str(DEMO_CONFIG.parent / "study_train_demo.yaml")))
@@ -22,8 +34,20 @@ def test_demo_writes_report_predictions_heatmaps_and_geojson(tmp_path: Path, cap
     # Slides of 256 µm instead of the demo's 1024 (a sixteenth of the pixels to paint); the demo reuses them.
     manifest = make_demo_slides(out / "data", per_group=SLIDES_PER_GROUP, size_um=(256.0, 256.0), nest_um=30.0)
     written = manifest.stat().st_mtime_ns
-    assert main(["--out", str(out), "--config", str(DEMO_CONFIG), "--config", str(override)]) == 0
-    assert capsys.readouterr().out.strip().endswith(f"report: {out / 'report.md'}")
+    lightning_logs = _Records()
+    for name in ("lightning.pytorch", "lightning.fabric"):
+        logging.getLogger(name).addHandler(lightning_logs)
+    try:
+        assert main(["--out", str(out), "--config", str(DEMO_CONFIG), "--config", str(override)]) == 0
+    finally:
+        for name in ("lightning.pytorch", "lightning.fabric"):
+            logging.getLogger(name).removeHandler(lightning_logs)
+    printed = capfd.readouterr()
+    assert printed.out.strip().endswith(f"report: {out / 'report.md'}")
+    # Each cell's Lightning runs stay quiet: no prediction bars, accelerator and seed lines, warnings.
+    assert "Predicting" not in printed.err and "slides:" not in printed.err
+    assert not lightning_logs.messages
+    assert not [str(w.message) for w in recwarn if "LeafSpec" in str(w.message)]
     results = pd.read_csv(out / "results.csv")
     assert results["task"].tolist() == ["chromatin", "architecture"]  # one grid point per task
     assert manifest.stat().st_mtime_ns == written
