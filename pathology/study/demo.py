@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import argparse
 import sys
+import sysconfig
 from pathlib import Path
 
 import pandas as pd
@@ -31,7 +32,16 @@ from pathology.study.run import (STATUS_OK, StudyError, add_threads_option, prep
 
 __all__ = ["DEMO_CONFIG", "best_cells", "run_demo", "main"]
 
-DEMO_CONFIG = Path(__file__).resolve().parents[2] / "configs" / "study_demo.yaml"
+
+def _demo_config(name: str = "study_demo.yaml") -> Path:
+    """The checkout's ``configs/<name>``, else the copy a wheel install puts in
+    ``<prefix>/share/pathology/configs`` (pyproject's data-files)."""
+    checkout = Path(__file__).resolve().parents[2] / "configs" / name
+    installed = Path(sysconfig.get_path("data")) / "share" / "pathology" / "configs" / name
+    return installed if installed.is_file() and not checkout.is_file() else checkout
+
+
+DEMO_CONFIG = _demo_config()
 SLIDE_UM = (1024.0, 1024.0)  # at 5x an 8 x 8 grid of 64 px tiles, about 44 on tissue per slide
 NEST_UM = 30.0  # nests 60 µm across: a 128 µm tile (64 px at 5x) holds about two, a 32 µm one (20x) part of one
 SLIDES_PER_GROUP = (3, 1, 1)  # train, val, test slides per (chromatin, architecture) pair
