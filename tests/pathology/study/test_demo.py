@@ -6,6 +6,7 @@ from pathlib import Path
 
 import pandas as pd
 
+from pathology.study import demo
 from pathology.study.demo import DEMO_CONFIG, SLIDES_PER_GROUP, main
 from pathology.study.demo_data import make_demo_slides
 
@@ -60,3 +61,13 @@ def test_demo_writes_report_predictions_heatmaps_and_geojson(tmp_path: Path, cap
             assert (out / heatmap).stat().st_size > 0 and heatmap in report
             assert (out / "inference" / task / "geojson" / f"{slide_id}.geojson").stat().st_size > 0
     assert "![metric against field of view](metric_vs_resolution.png)" in report
+
+
+def test_demo_config_comes_from_the_checkout_else_the_installed_copy(tmp_path: Path, monkeypatch) -> None:
+    installed = tmp_path / "share" / "pathology" / "configs"
+    installed.mkdir(parents=True)
+    for name in ("study_demo.yaml", "only_installed.yaml"):
+        (installed / name).write_text("tasks: {}\n")
+    monkeypatch.setattr(demo.sysconfig, "get_path", lambda kind: str(tmp_path) if kind == "data" else None)
+    assert demo._demo_config() == DEMO_CONFIG.parent / "study_demo.yaml" != installed / "study_demo.yaml"
+    assert demo._demo_config("only_installed.yaml") == installed / "only_installed.yaml"  # no checkout copy
