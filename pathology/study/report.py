@@ -12,6 +12,7 @@ from pathlib import Path
 
 import numpy as np
 import pandas as pd
+from matplotlib.axes import Axes
 from matplotlib.figure import Figure
 from scipy import stats
 
@@ -26,6 +27,7 @@ REPORT_METRICS = ["tile_balanced_accuracy", "tile_auroc", "slide_accuracy", "sli
 UNBOUNDED_ABOVE = {"throughput"}  # every other report metric is a fraction in [0, 1]
 CI_LEVEL = 0.95
 PLOT_METRIC = "tile_balanced_accuracy"
+PANEL_INCHES = (4.5, 3.6)  # width, height of one task's plot
 
 
 def mean_ci(values: Sequence[float], level: float = CI_LEVEL, bounds: tuple[float, float] = (-np.inf, np.inf)
@@ -97,13 +99,18 @@ def pareto_front(speed: np.ndarray, value: np.ndarray) -> np.ndarray:
     return ~(ge & gt).any(axis=1)
 
 
+def _task_panels(table: pd.DataFrame) -> tuple[Figure, list[tuple[Axes, str, pd.DataFrame]]]:
+    """A figure with one panel per task, side by side, each with that task's rows."""
+    tasks = list(dict.fromkeys(table["task"]))
+    fig = Figure(figsize=(PANEL_INCHES[0] * len(tasks), PANEL_INCHES[1]))
+    axes = fig.subplots(1, len(tasks), squeeze=False)[0]
+    return fig, [(ax, task, table[table["task"] == task]) for ax, task in zip(axes, tasks)]
+
+
 def plot_metric_vs_resolution(summary: pd.DataFrame, path: Path, metric: str = PLOT_METRIC) -> Path:
     """One panel per task: ``metric`` (mean and 95 % CI) against tile field of view, a line per MHSA placement."""
-    tasks = list(dict.fromkeys(summary["task"]))
-    fig = Figure(figsize=(4.5 * len(tasks), 3.6))
-    axes = fig.subplots(1, len(tasks), squeeze=False)
-    for ax, task in zip(axes[0], tasks):
-        rows = summary[summary["task"] == task]
+    fig, panels = _task_panels(summary)
+    for ax, task, rows in panels:
         for (mhsa, tile), line in rows.groupby(["mhsa_blocks", "tile_size"], sort=False):
             line = line.sort_values("field_um")
             low = (line[metric] - line[f"{metric}_low"]).fillna(0)
@@ -123,12 +130,8 @@ def plot_metric_vs_resolution(summary: pd.DataFrame, path: Path, metric: str = P
 
 def plot_pareto(results: pd.DataFrame, path: Path, metric: str = PLOT_METRIC) -> Path:
     """``metric`` against measured throughput per cell, one panel per task, Pareto front joined."""
-    ok = results[results["status"] == "ok"]
-    tasks = list(dict.fromkeys(ok["task"]))
-    fig = Figure(figsize=(4.5 * len(tasks), 3.6))
-    axes = fig.subplots(1, len(tasks), squeeze=False)
-    for ax, task in zip(axes[0], tasks):
-        rows = ok[ok["task"] == task]
+    fig, panels = _task_panels(results[results["status"] == "ok"])
+    for ax, task, rows in panels:
         for (res, mhsa), group in rows.groupby(["resolution", "mhsa_blocks"], sort=False):
             ax.scatter(group["throughput"], group[metric], label=f"{res}, MHSA {mhsa}", s=18)
         front = rows[pareto_front(rows["throughput"].to_numpy(), rows[metric].to_numpy())].sort_values("throughput")
