@@ -80,8 +80,9 @@ def draw_tiling_qc(slide_path: str | Path, h5_paths: Sequence[str | Path]) -> np
     and the kept tiles, titled with its setting and tile count.
 
     Panels sit side by side, or one above the other when the slide is wider than tall. The
-    thumbnail and mask are made again as the tiler made them, from the tissue settings and slide
-    µm/px recorded in the stores, so the stores must agree on those (one ``wsi-tile`` run does).
+    thumbnail and mask come from the tiler's own ``detect_tissue`` with the tissue settings and slide
+    µm/px recorded in the stores (right after tiling, its remembered result), so the stores must
+    agree on those (one ``wsi-tile`` run does).
 
     Args:
         slide_path: the slide the stores were made from.

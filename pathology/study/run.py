@@ -44,8 +44,8 @@ from pathology.training.metrics import classification_metrics
 from pathology.training.module import NonFiniteLossError
 from wsi_tiling import WsiTilingError, setting_name, tile_slide
 
-__all__ = ["StudyError", "read_slides", "write_test_slides", "run_cell", "run_study", "add_threads_option", "prepare_console",
-           "main"]
+__all__ = ["StudyError", "read_slides", "write_test_slides", "run_cell", "run_study", "add_threads_option",
+           "prepare_console", "main"]
 
 log = logging.getLogger(__name__)
 
@@ -261,7 +261,7 @@ def add_threads_option(parser: argparse.ArgumentParser) -> None:
 def prepare_console(threads: int | None) -> None:
     """Sets torch's intra-op thread count when ``threads`` is given, and leaves the console to the
     study's own progress bar and messages: each cell's Lightning runs would otherwise print
-    accelerator lines, seeds, tips and a deprecation warning from inside Lightning, 16 times over."""
+    accelerator lines, seeds, tips and a deprecation warning from inside Lightning, once per cell."""
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     for name in ("lightning.pytorch", "lightning.fabric"):
         logging.getLogger(name).setLevel(logging.WARNING)
