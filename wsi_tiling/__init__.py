@@ -11,18 +11,18 @@ from .errors import (InvalidParameterError, MissingResolutionError, OutputError,
 from .qc import draw_tiling_qc
 from .reader import InMemorySlide, SlideReader
 from .regions import read_thumbnail
-from .resolution import ReadPlan, Resolution, plan_read
-from .store import TileReader, read_attrs
+from .resolution import ReadPlan, Resolution, mpp_to_power, plan_read, power_to_mpp
+from .store import StoreInfo, TileReader, read_attrs, read_store_info
 from .tiler import TilingResult, default_slide_id, setting_name, store_path, tile_slide
 from .tissue import TissueParams
 
 __all__ = [
     "__version__",
-    "Resolution", "ReadPlan", "plan_read",
+    "Resolution", "ReadPlan", "plan_read", "power_to_mpp", "mpp_to_power",
     "SlideReader", "InMemorySlide", "read_thumbnail",
     "TissueParams",
     "tile_slide", "TilingResult", "setting_name", "store_path", "default_slide_id",
-    "TileReader", "read_attrs", "draw_tiling_qc",
+    "TileReader", "read_attrs", "StoreInfo", "read_store_info", "draw_tiling_qc",
     "WsiTilingError", "SlideOpenError", "SlideReadError", "MissingResolutionError",
     "ResolutionUnavailableError", "InvalidParameterError", "OutputError",
 ]

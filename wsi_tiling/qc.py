@@ -17,7 +17,6 @@ import numpy as np
 from .errors import InvalidParameterError, OutputError
 from .grid import footprint_level0
 from .reader import SlideReader
-from .resolution import Resolution
 from .store import TileReader
 from .tiler import detect_tissue, setting_name
 from .tissue import TissueParams
@@ -96,17 +95,14 @@ def draw_tiling_qc(slide_path: str | Path, h5_paths: Sequence[str | Path]) -> np
         WsiTilingError: the slide cannot be opened or read.
     """
     stores = [TileReader(path) for path in h5_paths]
-    requests = [json.loads(store.attrs["params"]) for store in stores]
-    made_with = {(store.attrs["slide_mpp"], json.dumps(request["tissue"], sort_keys=True))
-                 for store, request in zip(stores, requests)}
+    infos = [store.info for store in stores]
+    made_with = {(info.slide_mpp, json.dumps(info.request["tissue"], sort_keys=True)) for info in infos}
     if len(made_with) != 1:
         raise InvalidParameterError(slide_path, "a QC picture needs one or more tile stores made with the same "
                                     f"tissue settings and slide µm/px, got {len(made_with)} combinations")
     with SlideReader(slide_path) as slide:
-        thumbnail, mask, scale = detect_tissue(slide, stores[0].attrs["slide_mpp"],
-                                               TissueParams(**requests[0]["tissue"]))
-    titles = [f"{setting_name(Resolution.parse(r['resolution']), r['tile_size'], r['overlap'])}: {len(s)} tiles"
-              for s, r in zip(stores, requests)]
+        thumbnail, mask, scale = detect_tissue(slide, infos[0].slide_mpp, TissueParams(**infos[0].request["tissue"]))
+    titles = [f"{setting_name(i.resolution, i.tile_size, i.overlap)}: {len(s)} tiles" for s, i in zip(stores, infos)]
     strips = _title_strips(titles, thumbnail.shape[1])
     (title_h, width), height = strips[0].shape[:2], thumbnail.shape[0]
     across = width <= height
@@ -115,7 +111,7 @@ def draw_tiling_qc(slide_path: str | Path, h5_paths: Sequence[str | Path]) -> np
                      BACKGROUND, np.uint8)
     for i, (strip, store) in enumerate(zip(strips, stores)):
         y, x = i * step_y, i * step_x
-        footprint = footprint_level0(store.tile_size, store.attrs["target_downsample"])
+        footprint = footprint_level0(store.tile_size, store.info.target_downsample)
         canvas[y : y + title_h, x : x + width] = strip
         canvas[y + title_h : y + title_h + height, x : x + width] = draw_qc(thumbnail, mask, store.coords,
                                                                              footprint, scale)

@@ -134,6 +134,11 @@ class SlideReader:
     def vendor(self) -> str:
         return self._slide.properties.get(openslide.PROPERTY_NAME_VENDOR) or "unknown"
 
+    @property
+    def reader_name(self) -> str:
+        """The library that reads this slide: ``openslide``."""
+        return "openslide"
+
     def native_tile_size(self, level: int) -> tuple[int, int] | None:
         """(width, height) of the level's stored tiles, when the format records it."""
         props = self._slide.properties
@@ -190,6 +195,7 @@ class InMemorySlide:
         self.mpp = mpp
         self.objective_power = objective_power
         self.vendor = "memory"
+        self.reader_name = "memory"
 
     def __enter__(self) -> InMemorySlide:
         return self

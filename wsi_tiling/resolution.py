@@ -16,7 +16,7 @@ from typing import Protocol
 
 from .errors import InvalidParameterError, MissingResolutionError, ResolutionUnavailableError
 
-__all__ = ["Resolution", "ReadPlan", "SlideMetadata", "plan_read", "UNITS"]
+__all__ = ["Resolution", "ReadPlan", "SlideMetadata", "plan_read", "power_to_mpp", "mpp_to_power", "UNITS"]
 
 log = logging.getLogger(__name__)
 
@@ -113,6 +113,20 @@ class ReadPlan:
     mpp_source: str
 
 
+def power_to_mpp(power: float) -> float:
+    """Nominal µm/px of an objective power (:data:`MPP_TIMES_POWER` / power: 40x is 0.25 µm/px).
+
+    Only for slides, configs and plots that know nothing better: a slide's own µm/px or a store's
+    delivered ``target_mpp`` is the physical truth.
+    """
+    return MPP_TIMES_POWER / power
+
+
+def mpp_to_power(mpp: float) -> float:
+    """Nominal objective power of a µm/px (the inverse of :func:`power_to_mpp`)."""
+    return MPP_TIMES_POWER / mpp
+
+
 def _snap_power(power: float) -> float:
     nearest = min(STANDARD_POWERS, key=lambda p: abs(math.log(power / p)))
     return nearest if abs(math.log(power / nearest)) < math.log(POWER_SNAP_RATIO) else power
@@ -126,14 +140,14 @@ def _slide_scale(slide: SlideMetadata, slide_mpp: float | None) -> tuple[float, 
     elif slide.mpp is not None:
         mpp, source = slide.mpp, "metadata"
     elif power is not None:
-        mpp, source = MPP_TIMES_POWER / power, "objective-power"
+        mpp, source = power_to_mpp(power), "objective-power"
         log.warning("%s: no µm/px in the metadata; assuming %.4g µm/px from its %gx objective "
                     "(pass --slide-mpp to set it)", slide.path, mpp, power)
     else:
         raise MissingResolutionError(slide.path, "no µm/px or objective power in the slide's metadata; "
                                      "give it with --slide-mpp (or an 'mpp' column in the CSV)")
     if power is None:
-        power = _snap_power(MPP_TIMES_POWER / mpp)
+        power = _snap_power(mpp_to_power(mpp))
         log.info("%s: no objective power in the metadata; taking %gx from %.4g µm/px", slide.path, power, mpp)
     return mpp, power, source
 

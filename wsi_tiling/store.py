@@ -7,8 +7,12 @@ file that looks finished.
 """
 from __future__ import annotations
 
+import json
+import logging
 import os
 from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from functools import cached_property
 from pathlib import Path
 from types import TracebackType
 from typing import Any, NamedTuple, overload
@@ -20,14 +24,20 @@ import numpy as np
 from .errors import OutputError
 from .reader import SlideReader
 from .regions import read_scaled
+from .resolution import Resolution
 
-__all__ = ["TileStoreWriter", "TileReader", "EncodedTile", "compress_tile", "read_attrs", "GZIP_LEVEL"]
+__all__ = ["TileStoreWriter", "TileReader", "EncodedTile", "StoreInfo", "compress_tile", "read_attrs",
+           "read_store_info", "store_info", "GZIP_LEVEL", "DEFAULT_READER"]
+
+log = logging.getLogger(__name__)
 
 GZIP_LEVEL = 1  # fastest deflate: tiles are written once and read many times
 PARTIAL_SUFFIX = ".partial"
 PROBE_ROWS = 16  # rows of a tile deflated to predict whether the whole tile is worth deflating
 RAW_ABOVE_RATIO = 0.85  # predicted compressed/raw size above which a tile is stored raw
 GZIP_SKIPPED = 1  # HDF5 chunk filter mask: the first (gzip) filter was not applied
+DEFAULT_READER = "openslide"  # what stores written before the attribute existed were read with
+DEFAULT_COLOUR = "as-read"  # stores written before the colour check: pixels as the reader gave them
 
 
 class EncodedTile(NamedTuple):
@@ -124,6 +134,87 @@ class TileStoreWriter:
             self._partial.unlink(missing_ok=True)
 
 
+@dataclass(frozen=True)
+class StoreInfo:
+    """What a tile store says about itself, parsed once: what was asked and what was delivered.
+
+    Attributes:
+        h5_path: the store.
+        slide_path: the slide it was cut from (as recorded).
+        resolution: the requested resolution (``"20x"`` -> ``Resolution(20, "power")``).
+        tile_size: tile edge in output pixels.
+        overlap: pixels shared by neighbouring tiles, output pixels.
+        target_mpp: delivered µm/px of the tiles (the physical truth).
+        target_power: delivered objective power, relative to ``slide_power``.
+        slide_mpp: level-0 µm/px used for the slide.
+        slide_power: level-0 objective power used for the slide.
+        mpp_source: where ``slide_mpp`` came from: ``metadata``, ``user`` or ``objective-power``.
+        read_level: pyramid level read.
+        resize_factor: read-level pixels per output pixel.
+        target_downsample: level-0 pixels per output pixel.
+        patch_size_level0: tile footprint in level-0 pixels.
+        reader: the slide reader used, ``openslide`` or ``tifffile``.
+        colour: ``as-read``, or ``ycbcr-to-rgb`` when the slide's YCbCr-as-RGB pixels were converted.
+        request: the tiling request as recorded (tissue settings, ``min_tissue``, ``slide_mpp``
+            override, ``allow_upsample``, ...).
+    """
+
+    h5_path: Path
+    slide_path: Path
+    resolution: Resolution
+    tile_size: int
+    overlap: int
+    target_mpp: float
+    target_power: float
+    slide_mpp: float
+    slide_power: float
+    mpp_source: str
+    read_level: int
+    resize_factor: float
+    target_downsample: float
+    patch_size_level0: int
+    reader: str
+    colour: str
+    request: Mapping[str, Any]
+
+
+def store_info(h5_path: str | Path, attrs: Mapping[str, Any]) -> StoreInfo:
+    """Parses a store's ``coords`` attributes (:func:`read_attrs`) into a :class:`StoreInfo`.
+
+    Stores written before ``reader`` and ``colour`` were recorded load with :data:`DEFAULT_READER`
+    and ``as-read``, with a warning.
+
+    Raises:
+        KeyError: an attribute every store of this project has is missing (not a tile store).
+        ValueError: an attribute cannot be read (e.g. an unparsable request).
+    """
+    request = json.loads(attrs["params"])
+    missing = [key for key in ("reader", "colour") if key not in attrs]
+    if missing:
+        log.warning("%s: tile store written before %s were recorded; assuming %s", h5_path,
+                    " and ".join(missing), {"reader": DEFAULT_READER, "colour": DEFAULT_COLOUR})
+    return StoreInfo(
+        h5_path=Path(h5_path), slide_path=Path(attrs["slide_path"]),
+        resolution=Resolution.parse(str(request["resolution"])), tile_size=int(attrs["patch_size"]),
+        overlap=int(attrs["overlap"]), target_mpp=float(attrs["target_mpp"]),
+        target_power=float(attrs["target_magnification"]), slide_mpp=float(attrs["slide_mpp"]),
+        slide_power=float(attrs["level0_magnification"]), mpp_source=str(attrs["mpp_source"]),
+        read_level=int(attrs["read_level"]), resize_factor=float(attrs["resize_factor"]),
+        target_downsample=float(attrs["target_downsample"]), patch_size_level0=int(attrs["patch_size_level0"]),
+        reader=str(attrs.get("reader", DEFAULT_READER)), colour=str(attrs.get("colour", DEFAULT_COLOUR)),
+        request=request)
+
+
+def read_store_info(h5_path: str | Path) -> StoreInfo:
+    """What a tile store asked for and delivered (see :class:`StoreInfo`).
+
+    Raises:
+        OSError: not a readable h5 file.
+        KeyError, ValueError: not a tile store written by :func:`~wsi_tiling.tiler.tile_slide`.
+    """
+    return store_info(h5_path, read_attrs(h5_path))
+
+
 def read_attrs(h5_path: str | Path) -> dict[str, Any]:
     """The ``coords`` attributes of a tile store, as Python values."""
     with h5py.File(h5_path, "r") as file:
@@ -168,6 +259,11 @@ class TileReader(Sequence[np.ndarray]):
         self.tile_size = int(self.attrs["patch_size"])
         self._read_size = int(self.attrs["patch_size_read_level"])
         self._handles: tuple[int, h5py.File | None, SlideReader | None] | None = None
+
+    @cached_property
+    def info(self) -> StoreInfo:
+        """The store's attributes parsed once (see :func:`read_store_info`)."""
+        return store_info(self.h5_path, self.attrs)
 
     def __len__(self) -> int:
         return len(self.coords)

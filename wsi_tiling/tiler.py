@@ -202,7 +202,7 @@ def _write_tiles(slide: SlideReader, plan: ReadPlan, indices: np.ndarray, tile_s
 
 
 def _store_attrs(slide: SlideReader, plan: ReadPlan, slide_id: str, tile_size: int, overlap: int,
-                 request: dict[str, Any], params_hash: str) -> dict[str, Any]:
+                 request: dict[str, Any], params_hash: str, colour: str) -> dict[str, Any]:
     """CLAM's, TRIDENT's and our own attributes of ``coords``."""
     width, height = slide.dimensions
     level_dim = slide.level_dimensions[plan.read_level]
@@ -221,6 +221,7 @@ def _store_attrs(slide: SlideReader, plan: ReadPlan, slide_id: str, tile_size: i
         "target_downsample": plan.target_downsample,
         "patch_size_read_level": max(1, round(tile_size * plan.resize_factor)),
         "step_level0": (tile_size - overlap) * plan.target_downsample,
+        "resolution": request["resolution"], "reader": slide.reader_name, "colour": colour,
         "slide_path": str(Path(slide.path).resolve()), "params_hash": params_hash,
         "params": json.dumps(request, sort_keys=True, default=str), "wsi_tiling_version": __version__,
     }
@@ -275,7 +276,7 @@ def tile_slide(slide_path: str | Path, out_dir: str | Path, resolution: Resoluti
         footprint = footprint_level0(tile_size, plan.target_downsample)
         fraction = tissue_fraction(mask, mask_scale, coords, footprint)
         keep = fraction >= min_tissue
-        attrs = _store_attrs(slide, plan, slide_id, tile_size, overlap, request, params_hash)
+        attrs = _store_attrs(slide, plan, slide_id, tile_size, overlap, request, params_hash, "as-read")
         with TileStoreWriter(h5_path, coords[keep], fraction[keep], attrs,
                              tile_size if save_tiles else None) as writer:
             if save_tiles:

@@ -16,7 +16,6 @@ slide_id   slide (or image folder) the tile comes from
 """
 from __future__ import annotations
 
-import json
 import re
 from abc import ABC, abstractmethod
 from pathlib import Path
@@ -172,7 +171,7 @@ class H5Source(TileSource):
         if self.geojson_dir is None:
             return np.full(len(reader.coords), slide_label, np.int64)
         regions = read_geojson(self.geojson_dir / f"{slide_id}.geojson")
-        coverage = class_coverage(regions, class_names, reader.coords, float(reader.attrs["patch_size_level0"]))
+        coverage = class_coverage(regions, class_names, reader.coords, float(reader.info.patch_size_level0))
         background = None if self.background_class is None else class_names.index(self.background_class)
         return labels_from_coverage(coverage, self.min_coverage, background)
 
@@ -191,9 +190,8 @@ class H5Source(TileSource):
         for (_, row), slide_label in zip(slides.iterrows(), slide_labels):
             h5_path, slide_path = self.h5_dir / f"{row['slide_id']}.h5", self._slide_path(row)
             reader = TileReader(h5_path, slide_path or None)
-            params, attrs = json.loads(reader.attrs["params"]), reader.attrs
-            settings.add((int(params["tile_size"]), str(params["resolution"]), round(float(attrs["target_mpp"]), 4),
-                          round(float(attrs["target_magnification"]), 3)))
+            info = reader.info
+            settings.add((info.tile_size, str(info.resolution), round(info.target_mpp, 4), round(info.target_power, 3)))
             labels = self._tile_labels(row["slide_id"], reader, int(slide_label), class_names)
             parts.append(pd.DataFrame({"path": str(h5_path), "tile_index": np.arange(len(labels)),
                                        "slide_path": slide_path, "label": labels, "patient_id": row["patient_id"],

@@ -31,7 +31,7 @@ import cv2
 import numpy as np
 
 from pathology.atomic import atomic_path
-from wsi_tiling.resolution import MPP_TIMES_POWER
+from wsi_tiling.resolution import mpp_to_power
 from wsi_tiling.synthetic import WHITE, write_slide
 
 __all__ = ["TASKS", "DemoTissuePainter", "DemoSlide", "make_demo_slides", "read_manifest"]
@@ -185,7 +185,7 @@ def make_demo_slides(
     out_dir = Path(out_dir)
     (out_dir / "slides").mkdir(parents=True, exist_ok=True)
     size_px = (round(size_um[0] / mpp), round(size_um[1] / mpp))
-    power = MPP_TIMES_POWER / mpp  # the convention wsi_tiling reads back: 0.25 µm/px is 40x
+    power = mpp_to_power(mpp)  # the convention wsi_tiling reads back: 0.25 µm/px is 40x
     slides: list[DemoSlide] = []
     for chromatin in TASKS["chromatin"]:
         for architecture in TASKS["architecture"]:

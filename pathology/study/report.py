@@ -17,7 +17,7 @@ from matplotlib.figure import Figure
 from scipy import stats
 
 from pathology.atomic import atomic_path
-from wsi_tiling.resolution import MPP_TIMES_POWER
+from wsi_tiling.resolution import power_to_mpp
 
 __all__ = ["GROUP_COLUMNS", "REPORT_METRICS", "mean_ci", "summarise", "markdown_table", "pareto_front",
            "plot_metric_vs_resolution", "plot_pareto", "write_report"]
@@ -45,8 +45,8 @@ def mean_ci(values: Sequence[float], level: float = CI_LEVEL, bounds: tuple[floa
 
 
 def _field_of_view_um(rows: pd.DataFrame) -> pd.Series:
-    """Tile edge in µm where the resolution is in µm/px; objective power uses wsi_tiling's 10 / power µm/px."""
-    mpp = np.where(rows["unit"] == "mpp", rows["mpp_or_power"], MPP_TIMES_POWER / rows["mpp_or_power"])
+    """Tile edge in µm where the resolution is in µm/px; objective power uses wsi_tiling's nominal µm/px."""
+    mpp = np.where(rows["unit"] == "mpp", rows["mpp_or_power"], power_to_mpp(rows["mpp_or_power"]))
     return pd.Series(mpp * rows["tile_size"], index=rows.index)
 
 

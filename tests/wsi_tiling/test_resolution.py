@@ -6,7 +6,8 @@ import logging
 import numpy as np
 import pytest
 
-from wsi_tiling import InMemorySlide, MissingResolutionError, ResolutionUnavailableError, Resolution, plan_read
+from wsi_tiling import (InMemorySlide, MissingResolutionError, Resolution, ResolutionUnavailableError, mpp_to_power,
+                        plan_read, power_to_mpp)
 
 
 def _slide(downsamples: tuple[int, ...] = (1, 4, 16), mpp: float | None = 0.25,
@@ -95,3 +96,9 @@ def test_magnification_is_relative_to_the_slides_own_power() -> None:
     plan = plan_read(Resolution(20, "power"), _slide(mpp=0.2282, power=40))
     assert plan.target_downsample == 2.0
     assert plan.target_mpp == pytest.approx(0.4564)
+
+
+def test_power_and_mpp_convert_through_one_nominal_rule() -> None:
+    # the nominal scanner: 40x is 0.25 µm/px, 20x 0.5, 10x 1.0
+    assert power_to_mpp(40) == pytest.approx(0.25) and power_to_mpp(10) == pytest.approx(1.0)
+    assert mpp_to_power(0.5) == pytest.approx(20) and mpp_to_power(power_to_mpp(2.5)) == pytest.approx(2.5)

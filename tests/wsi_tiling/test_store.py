@@ -1,6 +1,7 @@
 """Atomic tile-store writing and the picklable TileReader."""
 from __future__ import annotations
 
+import logging
 import multiprocessing
 import pickle
 from concurrent.futures import ProcessPoolExecutor
@@ -10,8 +11,8 @@ import h5py
 import numpy as np
 import pytest
 
-from wsi_tiling import TileReader
-from wsi_tiling.store import TileStoreWriter, compress_tile
+from wsi_tiling import Resolution, TileReader, tile_slide
+from wsi_tiling.store import TileStoreWriter, compress_tile, read_store_info
 
 ATTRS = {"patch_size": 4, "patch_size_read_level": 4, "read_level": 0, "slide_path": "nowhere.svs",
          "slide_mpp": None}
@@ -72,3 +73,29 @@ def test_reader_pickles_and_reads_in_a_spawned_process(tmp_path: Path, rng: np.r
     assert (clone[4] == tiles[4]).all()
     with ProcessPoolExecutor(1, mp_context=multiprocessing.get_context("spawn")) as pool:
         assert pool.submit(_tile_sum, reader).result() == int(tiles.astype(np.int64).sum())
+
+
+def test_store_info_reads_what_the_tiler_asked_and_delivered(stripes_slide: Path, tmp_path: Path) -> None:
+    h5_path = tile_slide(stripes_slide, tmp_path, Resolution(20, "power"), 64, overlap=8).h5_path
+    info = read_store_info(h5_path)
+    # 20x on a 40x, 0.25 µm/px slide: downsample 2, 0.5 µm/px, read from level 0 (levels 1, 4, 16)
+    assert info.resolution == Resolution(20, "power")
+    assert (info.tile_size, info.overlap, info.read_level) == (64, 8, 0)
+    assert info.target_mpp == pytest.approx(0.5) and info.slide_mpp == pytest.approx(0.25)
+    assert info.target_power == pytest.approx(20) and info.slide_power == pytest.approx(40)
+    assert info.resize_factor == pytest.approx(2) and info.patch_size_level0 == 128
+    assert (info.reader, info.colour, info.mpp_source) == ("openslide", "as-read", "metadata")
+    assert info.slide_path == stripes_slide.resolve() and info.request["min_tissue"] == 0.5
+    assert TileReader(h5_path).info == info
+
+
+def test_store_info_of_an_old_store_defaults_with_a_warning(stripes_slide: Path, tmp_path: Path,
+                                                            caplog: pytest.LogCaptureFixture) -> None:
+    h5_path = tile_slide(stripes_slide, tmp_path, Resolution(10, "power"), 64).h5_path
+    with h5py.File(h5_path, "r+") as file:  # as written before the reader and colour were recorded
+        for key in ("reader", "colour", "resolution"):
+            del file["coords"].attrs[key]
+    with caplog.at_level(logging.WARNING):
+        info = read_store_info(h5_path)
+    assert (info.reader, info.colour, info.resolution) == ("openslide", "as-read", Resolution(10, "power"))
+    assert "h5" in caplog.text and "reader and colour" in caplog.text
