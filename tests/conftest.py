@@ -22,6 +22,24 @@ STRIPES_SIZE_PX = (4096, 3072)  # level-0 (width, height)
 STRIPES_TISSUE_UM = ((64.0, 64.0, 448.0, 320.0), (576.0, 448.0, 384.0, 256.0))
 
 
+def stripe_period_px(tile: np.ndarray) -> float:
+    """Stripe period of a tile of vertical stripes, from sub-pixel dark-to-bright crossings."""
+    profile = tile.astype(np.float64).mean(axis=(0, 2))
+    middle = (profile.max() + profile.min()) / 2
+    rising = np.flatnonzero((profile[:-1] <= middle) & (profile[1:] > middle))
+    crossings = rising + (middle - profile[rising]) / (profile[rising + 1] - profile[rising])
+    return (crossings[-1] - crossings[0]) / (len(crossings) - 1)
+
+
+def inside_tissue_boxes(coords: np.ndarray, footprint_um: float) -> np.ndarray:
+    """Which tiles of a stripes slide (level-0 coords, footprint in µm) lie wholly inside its tissue boxes."""
+    x_um, y_um = coords[:, 0] * STRIPES_MPP, coords[:, 1] * STRIPES_MPP
+    inside = np.zeros(len(coords), bool)
+    for bx, by, bw, bh in STRIPES_TISSUE_UM:
+        inside |= (x_um >= bx) & (x_um + footprint_um <= bx + bw) & (y_um >= by) & (y_um + footprint_um <= by + bh)
+    return inside
+
+
 @pytest.fixture(scope="session")
 def shared_data() -> Path:
     """The project's real test data folder; skips the test when it is not there."""

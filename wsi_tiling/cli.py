@@ -33,10 +33,12 @@ __all__ = ["main", "TileOptions"]
 log = logging.getLogger("wsi_tiling")
 
 MANIFEST_COLUMNS = ("slide_id", "slide_path", "setting", "status", "n_tiles", "seconds", "target_mpp",
-                    "slide_mpp", "mpp_source", "read_level", "resize_factor", "h5_path", "error")
+                    "slide_mpp", "mpp_source", "read_level", "resize_factor", "reader", "h5_path", "error")
 MAX_ATTEMPTS = 2  # a slide whose worker process died is retried once, alone
 MAX_THREADS_PER_SLIDE = 8  # each reading thread holds up to ~150 MB of blocks
-SLIDE_ERRORS = (WsiTilingError, OSError, ValueError, RuntimeError, MemoryError)  # recorded, the run goes on
+# recorded, the run goes on; AttributeError and TypeError too: a reader library changing its API
+# under us must cost the slide, not the batch
+SLIDE_ERRORS = (WsiTilingError, OSError, ValueError, RuntimeError, MemoryError, AttributeError, TypeError)
 Row = dict[str, Any]
 
 
@@ -84,7 +86,8 @@ def _tile_setting(job: SlideJob, options: TileOptions, resolution: Resolution) -
             "status": result.status, "n_tiles": result.n_tiles, "seconds": round(result.seconds, 3),
             "target_mpp": plan and round(plan.target_mpp, 5), "slide_mpp": plan and plan.slide_mpp,
             "mpp_source": plan and plan.mpp_source, "read_level": plan and plan.read_level,
-            "resize_factor": plan and round(plan.resize_factor, 5), "h5_path": str(result.h5_path), "error": ""}
+            "resize_factor": plan and round(plan.resize_factor, 5), "reader": result.reader,
+            "h5_path": str(result.h5_path), "error": ""}
 
 
 def _write_thumbnail(job: SlideJob, out_dir: Path, rows: list[Row]) -> list[Row]:

@@ -1,20 +1,25 @@
-"""A thin, context-managed slide reader over OpenSlide, and an in-memory twin for tests.
+"""A thin, context-managed slide reader over OpenSlide (or tifffile), and an in-memory twin for tests.
 
 Only metadata and pixel regions: no tiling, no tissue logic, and never the raw OpenSlide handle.
+OME-TIFFs and the TIFFs OpenSlide refuses are read by :class:`~wsi_tiling.tiff_slide.TiffSlide`
+behind the same interface.
 Regions come back as (height, width, 3) uint8 RGB arrays, transparent pixels (outside a
 scanner's scanned area) composited onto white glass. Pixels are decoded by OpenSlide straight into
 a numpy buffer (``openslide.lowlevel._read_region``, present since openslide-python 1.0): the
-public ``read_region`` goes through three PIL copies that cost as much as the JPEG decoding.
+public ``read_region`` goes through three PIL copies that cost as much as the JPEG decoding. Should
+a release rename or re-sign it, reads fall back to the public ``read_region`` with one warning.
 Levels of plain tiled TIFFs (Aperio, generic TIFF) are decoded by :mod:`wsi_tiling.tiff` instead,
 pixel-identical to OpenSlide and about three times faster.
 """
 from __future__ import annotations
 
 import ctypes
+import logging
 import sys
 from collections.abc import Sequence
 from pathlib import Path
 from types import TracebackType
+from typing import Protocol
 
 import cv2
 import numpy as np
@@ -23,8 +28,11 @@ from openslide import lowlevel
 
 from .errors import SlideOpenError, SlideReadError
 from .tiff import FAST_VENDORS, TiffTiles
+from .tiff_slide import TiffSlide, is_ome_tiff
 
-__all__ = ["SlideReader", "InMemorySlide", "DICOM_SUFFIX"]
+__all__ = ["SlideReader", "SlideBackend", "OpenSlideBackend", "InMemorySlide", "DICOM_SUFFIX"]
+
+log = logging.getLogger(__name__)
 
 DICOM_SUFFIX = ".dcm"
 GLASS = 255  # value of pixels outside the scanned area
@@ -64,38 +72,82 @@ def _premultiplied_to_rgb(argb: np.ndarray) -> np.ndarray:
     return rgb
 
 
-class SlideReader:
-    """Opens a whole-slide image with OpenSlide; use as a context manager.
+class SlideBackend(Protocol):
+    """What :class:`SlideReader` delegates to: OpenSlide, or tifffile for the TIFFs OpenSlide cannot read."""
+
+    reader_name: str
+
+    @property
+    def dimensions(self) -> tuple[int, int]: ...
+    @property
+    def level_dimensions(self) -> tuple[tuple[int, int], ...]: ...
+    @property
+    def level_downsamples(self) -> tuple[float, ...]: ...
+    @property
+    def mpp(self) -> float | None: ...
+    @property
+    def objective_power(self) -> float | None: ...
+    @property
+    def vendor(self) -> str: ...
+    def native_tile_size(self, level: int) -> tuple[int, int] | None: ...
+    def read_region(self, xy_level0: tuple[int, int], level: int, size_px: tuple[int, int]) -> np.ndarray: ...
+    def close(self) -> None: ...
+
+
+def _read_argb_private(slide: openslide.OpenSlide, xy_level0: tuple[int, int], level: int,
+                       size_px: tuple[int, int]) -> np.ndarray:
+    """OpenSlide's pixels straight into a numpy buffer (private API): (H, W) premultiplied ARGB uint32."""
+    width, height = size_px
+    argb = np.empty((height, width), np.uint32)
+    pointer = argb.ctypes.data_as(ctypes.POINTER(ctypes.c_uint32))
+    lowlevel._read_region(slide._osr, pointer, int(xy_level0[0]), int(xy_level0[1]), level, width, height)
+    return argb
+
+
+def _read_rgb_public(slide: openslide.OpenSlide, xy_level0: tuple[int, int], level: int,
+                     size_px: tuple[int, int]) -> np.ndarray:
+    """The public ``read_region`` (non-premultiplied RGBA PIL image) composited onto white glass."""
+    rgba = np.asarray(slide.read_region((int(xy_level0[0]), int(xy_level0[1])), level, tuple(size_px)))
+    rgb, alpha = rgba[..., :3].astype(np.uint16), rgba[..., 3:].astype(np.uint16)
+    return ((rgb * alpha + GLASS * (OPAQUE - alpha) + OPAQUE // 2) // OPAQUE).astype(np.uint8)
+
+
+class _PrivateApi:
+    """Whether OpenSlide's private fast read still works in this process (checked on first use)."""
+
+    usable = True
+
+
+def _warn_private_api(error: Exception) -> None:
+    if _PrivateApi.usable:
+        _PrivateApi.usable = False
+        log.warning("openslide.lowlevel._read_region is missing or changed (%s); reading through the "
+                    "public read_region instead (slower)", error)
+
+
+class OpenSlideBackend:
+    """A slide opened by OpenSlide; tiled TIFF levels decoded by :mod:`wsi_tiling.tiff` when possible.
 
     Args:
-        path: a slide file, or a folder holding a DICOM slide's ``.dcm`` files.
+        path: the path the user gave (named in errors).
+        file: the file OpenSlide opens (a DICOM folder's first ``.dcm``).
 
     Raises:
-        SlideOpenError: the path does not exist or is not a slide OpenSlide can read.
+        openslide.OpenSlideError, OSError: OpenSlide cannot open the file.
     """
 
-    def __init__(self, path: str | Path) -> None:
-        self._path = Path(path)
-        if not self._path.exists():
-            raise SlideOpenError(self._path, "no such file or folder")
-        try:
-            self._slide = openslide.OpenSlide(_resolve_path(self._path))
-        except (openslide.OpenSlideError, OSError) as error:
-            raise SlideOpenError(self._path, f"not a slide OpenSlide can open ({error})") from error
+    reader_name = "openslide"
+
+    def __init__(self, path: Path, file: Path) -> None:
+        self._path = path
+        self._slide = openslide.OpenSlide(file)
         self._tiff = self._open_tiff() if self.vendor in FAST_VENDORS else None
 
     def _open_tiff(self) -> TiffTiles | None:
         try:
-            return TiffTiles(self._path, self._slide.level_dimensions)
+            return TiffTiles.for_openslide_levels(self._path, self._slide.level_dimensions)
         except (ValueError, OSError):  # tifffile cannot parse it: OpenSlide alone will do
             return None
-
-    def __enter__(self) -> SlideReader:
-        return self
-
-    def __exit__(self, kind: type[BaseException] | None, error: BaseException | None,
-                 trace: TracebackType | None) -> None:
-        self.close()
 
     def close(self) -> None:
         """Releases the OpenSlide (and TIFF) handles."""
@@ -104,12 +156,7 @@ class SlideReader:
             self._tiff.close()
 
     @property
-    def path(self) -> Path:
-        return self._path
-
-    @property
     def dimensions(self) -> tuple[int, int]:
-        """Level-0 (width, height) in pixels."""
         return self._slide.dimensions
 
     @property
@@ -122,29 +169,136 @@ class SlideReader:
 
     @property
     def mpp(self) -> float | None:
-        """Level-0 µm/px from the metadata (x axis), or None when absent."""
         return _positive_float(self._slide.properties.get(openslide.PROPERTY_NAME_MPP_X))
 
     @property
     def objective_power(self) -> float | None:
-        """Scanning objective magnification from the metadata, or None when absent."""
         return _positive_float(self._slide.properties.get(openslide.PROPERTY_NAME_OBJECTIVE_POWER))
 
     @property
     def vendor(self) -> str:
         return self._slide.properties.get(openslide.PROPERTY_NAME_VENDOR) or "unknown"
 
-    @property
-    def reader_name(self) -> str:
-        """The library that reads this slide: ``openslide``."""
-        return "openslide"
-
     def native_tile_size(self, level: int) -> tuple[int, int] | None:
-        """(width, height) of the level's stored tiles, when the format records it."""
         props = self._slide.properties
         width = props.get(f"openslide.level[{level}].tile-width")
         height = props.get(f"openslide.level[{level}].tile-height")
         return (int(width), int(height)) if width and height else None
+
+    def read_region(self, xy_level0: tuple[int, int], level: int, size_px: tuple[int, int]) -> np.ndarray:
+        """See :meth:`SlideReader.read_region`; the private fast read, else the public one (warned once)."""
+        if self._tiff is not None and self._tiff.serves(level):
+            downsample = self._slide.level_downsamples[level]
+            xy_level = (round(xy_level0[0] / downsample), round(xy_level0[1] / downsample))
+            try:
+                return self._tiff.read(level, xy_level, size_px)
+            except (ValueError, OSError, RuntimeError) as error:  # tifffile and imagecodecs errors
+                raise SlideReadError(self._path, f"cannot decode level {level} at {xy_level0} ({error})") from error
+        try:
+            if _PrivateApi.usable:
+                try:
+                    return _premultiplied_to_rgb(_read_argb_private(self._slide, xy_level0, level, size_px))
+                except (AttributeError, TypeError, ctypes.ArgumentError) as error:  # renamed or re-signed
+                    _warn_private_api(error)
+            return _read_rgb_public(self._slide, xy_level0, level, size_px)
+        except (openslide.OpenSlideError, OSError) as error:
+            raise SlideReadError(self._path, f"cannot decode level {level} at {xy_level0} ({error})") from error
+
+
+TIFF_FALLBACK_FORMATS = (None, "generic-tiff")  # OpenSlide's detect_format results tifffile may read
+
+
+def _open_backend(path: Path) -> SlideBackend:
+    """OpenSlide for what it reads with its metadata; tifffile for OME-TIFF and the TIFFs it refuses.
+
+    A file OpenSlide recognises as a vendor format (e.g. a truncated ``.svs``) but cannot open is
+    OpenSlide's error: tifffile would open its first page and lose the vendor's metadata.
+    """
+    file = _resolve_path(path)
+    detected = openslide.OpenSlide.detect_format(file)
+    if detected == "generic-tiff" and is_ome_tiff(file):
+        return TiffSlide(file)  # OpenSlide would read one level and no µm/px
+    try:
+        return OpenSlideBackend(path, file)
+    except (openslide.OpenSlideError, OSError) as error:
+        if detected not in TIFF_FALLBACK_FORMATS:
+            raise SlideOpenError(path, f"not a slide OpenSlide can open ({error})") from error
+        refused = error
+    try:
+        return TiffSlide(file)
+    except SlideOpenError as error:
+        raise SlideOpenError(path, f"{error.reason}; OpenSlide: {refused}") from error
+
+
+class SlideReader:
+    """Opens a whole-slide image; use as a context manager.
+
+    OpenSlide reads what it can; OME-TIFFs and the TIFFs OpenSlide refuses are read with tifffile
+    (:class:`~wsi_tiling.tiff_slide.TiffSlide`); :attr:`reader_name` says which.
+
+    Args:
+        path: a slide file, or a folder holding a DICOM slide's ``.dcm`` files.
+
+    Raises:
+        SlideOpenError: the path does not exist or no reader can open it.
+    """
+
+    def __init__(self, path: str | Path) -> None:
+        self._path = Path(path)
+        if not self._path.exists():
+            raise SlideOpenError(self._path, "no such file or folder")
+        self._backend = _open_backend(self._path)
+
+    def __enter__(self) -> SlideReader:
+        return self
+
+    def __exit__(self, kind: type[BaseException] | None, error: BaseException | None,
+                 trace: TracebackType | None) -> None:
+        self.close()
+
+    def close(self) -> None:
+        """Releases the file handles."""
+        self._backend.close()
+
+    @property
+    def path(self) -> Path:
+        return self._path
+
+    @property
+    def reader_name(self) -> str:
+        """The library reading this slide: ``openslide`` or ``tifffile``."""
+        return self._backend.reader_name
+
+    @property
+    def dimensions(self) -> tuple[int, int]:
+        """Level-0 (width, height) in pixels."""
+        return self._backend.dimensions
+
+    @property
+    def level_dimensions(self) -> tuple[tuple[int, int], ...]:
+        return self._backend.level_dimensions
+
+    @property
+    def level_downsamples(self) -> tuple[float, ...]:
+        return self._backend.level_downsamples
+
+    @property
+    def mpp(self) -> float | None:
+        """Level-0 µm/px from the metadata (x axis), or None when absent."""
+        return self._backend.mpp
+
+    @property
+    def objective_power(self) -> float | None:
+        """Scanning objective magnification from the metadata, or None when absent."""
+        return self._backend.objective_power
+
+    @property
+    def vendor(self) -> str:
+        return self._backend.vendor
+
+    def native_tile_size(self, level: int) -> tuple[int, int] | None:
+        """(width, height) of the level's stored tiles, when the format records it."""
+        return self._backend.native_tile_size(level)
 
     def read_region(self, xy_level0: tuple[int, int], level: int, size_px: tuple[int, int]) -> np.ndarray:
         """Reads a region of one pyramid level.
@@ -160,22 +314,7 @@ class SlideReader:
         Raises:
             SlideReadError: the region cannot be decoded (e.g. truncated file).
         """
-        if self._tiff is not None and self._tiff.serves(level):
-            downsample = self._slide.level_downsamples[level]
-            xy_level = (round(xy_level0[0] / downsample), round(xy_level0[1] / downsample))
-            try:
-                return self._tiff.read(level, xy_level, size_px)
-            except (ValueError, OSError, RuntimeError) as error:  # tifffile and imagecodecs errors
-                raise SlideReadError(self._path, f"cannot decode level {level} at {xy_level0} ({error})") from error
-        width, height = size_px
-        argb = np.empty((height, width), np.uint32)
-        pointer = argb.ctypes.data_as(ctypes.POINTER(ctypes.c_uint32))
-        try:
-            lowlevel._read_region(self._slide._osr, pointer, int(xy_level0[0]), int(xy_level0[1]), level,
-                                  width, height)
-        except (openslide.OpenSlideError, OSError) as error:
-            raise SlideReadError(self._path, f"cannot decode level {level} at {xy_level0} ({error})") from error
-        return _premultiplied_to_rgb(argb)
+        return self._backend.read_region(xy_level0, level, size_px)
 
 
 class InMemorySlide:

@@ -1,10 +1,12 @@
-"""Direct tile decoding for plain tiled TIFF slides (Aperio SVS, generic TIFF), 3x OpenSlide's speed.
+"""Direct tile (or strip) decoding of TIFF pages: OpenSlide's fast path and the TIFF reader's pixels.
 
 OpenSlide decodes a JPEG tile, caches it and paints it through cairo; for the formats whose pyramid
 levels are simply tiled TIFF pages, tifffile + imagecodecs (libjpeg-turbo, libdeflate) decode the
-same tiles about three times faster, and release the GIL so threads scale. Metadata still comes
-from OpenSlide; a level is served here only when exactly one tiled page has its dimensions and
-its encoding is one we decode to RGB unchanged. Everything else falls back to OpenSlide.
+same tiles about three times faster, and release the GIL so threads scale. Behind OpenSlide
+(:meth:`TiffTiles.for_openslide_levels`) a level is served here only when exactly one tiled page
+has its dimensions and its encoding is one we decode to RGB unchanged; everything else falls back
+to OpenSlide. Behind :class:`~wsi_tiling.tiff_slide.TiffSlide` every level is served here, from
+tiles or strips, in any compression imagecodecs decodes.
 """
 from __future__ import annotations
 
@@ -16,7 +18,7 @@ from pathlib import Path
 import numpy as np
 import tifffile
 
-__all__ = ["TiffTiles", "FAST_VENDORS"]
+__all__ = ["TiffTiles", "FAST_VENDORS", "is_rgb"]
 
 FAST_VENDORS = frozenset({"aperio", "generic-tiff"})
 _CODECS = frozenset({1, 5, 7, 8, 32946})  # none, LZW, JPEG, deflate (Adobe and old)
@@ -26,31 +28,58 @@ GLASS = 255
 CACHE_BYTES = 128 * 2**20  # decoded tiles kept: a single-level slide's thumbnail pass feeds its tiling
 
 
-def _decodable(page: tifffile.TiffPage) -> bool:
-    return (page.is_tiled and page.samplesperpixel == 3 and page.bitspersample == 8
-            and page.planarconfig == _CONTIG and int(page.compression) in _CODECS
+def is_rgb(page: tifffile.TiffPage) -> bool:
+    """Whether tifffile decodes the page to (H, W, 3) uint8 RGB: 8-bit, 3 interleaved samples, stored
+    as RGB or as JPEG-compressed YCbCr."""
+    return (page.samplesperpixel == 3 and page.bitspersample == 8 and page.planarconfig == _CONTIG
             and int(page.photometric) in _PHOTOMETRIC and (int(page.photometric) == 2 or int(page.compression) == 7))
 
 
+def _decodable(page: tifffile.TiffPage) -> bool:
+    return page.is_tiled and is_rgb(page) and int(page.compression) in _CODECS
+
+
+def _segment_size(page: tifffile.TiffPage) -> tuple[int, int]:
+    """(width, height) of the page's tiles, or of its strips (full width, ``rowsperstrip`` rows)."""
+    if page.is_tiled:
+        return page.tilewidth, page.tilelength
+    return page.imagewidth, min(page.rowsperstrip or page.imagelength, page.imagelength)
+
+
 class TiffTiles:
-    """Decodes regions of a tiled TIFF's pyramid pages; thread-safe.
+    """Decodes regions of a TIFF's pyramid pages, tiled or stripped; thread-safe.
 
     Args:
-        path: the TIFF file.
-        level_dimensions: OpenSlide's (width, height) of each level, to match pages to levels.
+        tiff: the open file; closed by :meth:`close`.
+        pages: the page of each level served here (pages of (H, W, 3) uint8 RGB, see :func:`is_rgb`).
     """
 
-    def __init__(self, path: Path, level_dimensions: tuple[tuple[int, int], ...]) -> None:
-        self._tiff = tifffile.TiffFile(path)
+    def __init__(self, tiff: tifffile.TiffFile, pages: dict[int, tifffile.TiffPage]) -> None:
+        self._tiff = tiff
         self._lock = threading.Lock()
-        tiled = [page for page in self._tiff.pages if isinstance(page, tifffile.TiffPage) and page.is_tiled]
-        self._pages: dict[int, tifffile.TiffPage] = {}
+        self._pages = pages
         self._cache: OrderedDict[tuple[int, int], np.ndarray] = OrderedDict()
         self._cached_bytes = 0
+
+    @classmethod
+    def for_openslide_levels(cls, path: Path, level_dimensions: tuple[tuple[int, int], ...]) -> TiffTiles:
+        """The levels of a slide OpenSlide opened that are decoded here, pixel-identically.
+
+        Args:
+            path: the TIFF file.
+            level_dimensions: OpenSlide's (width, height) of each level, to match pages to levels.
+
+        Raises:
+            ValueError, OSError: tifffile cannot parse the file.
+        """
+        tiff = tifffile.TiffFile(path)
+        tiled = [page for page in tiff.pages if isinstance(page, tifffile.TiffPage) and page.is_tiled]
+        pages = {}
         for level, size in enumerate(level_dimensions):
             same = [page for page in tiled if (page.imagewidth, page.imagelength) == tuple(size)]
             if len(same) == 1 and _decodable(same[0]):
-                self._pages[level] = same[0]
+                pages[level] = same[0]
+        return cls(tiff, pages)
 
     def serves(self, level: int) -> bool:
         """Whether ``level`` is decoded here."""
@@ -69,7 +98,7 @@ class TiffTiles:
         x, y = xy_level
         width, height = size_px
         out = np.full((height, width, 3), GLASS, np.uint8)
-        tile_w, tile_h = page.tilewidth, page.tilelength
+        tile_w, tile_h = _segment_size(page)
         columns = math.ceil(page.imagewidth / tile_w)
         x0, y0 = max(x, 0), max(y, 0)
         x1, y1 = min(x + width, page.imagewidth), min(y + height, page.imagelength)

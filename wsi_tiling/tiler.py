@@ -52,6 +52,7 @@ class TilingResult:
         h5_path: the store.
         seconds: wall time spent.
         plan: the read plan (None when skipped).
+        reader: the library that read the slide, ``openslide`` or ``tifffile`` ("" when skipped).
     """
 
     slide_id: str
@@ -61,6 +62,7 @@ class TilingResult:
     h5_path: Path
     seconds: float
     plan: ReadPlan | None = None
+    reader: str = ""
 
 
 def setting_name(resolution: Resolution, tile_size: int, overlap: int) -> str:
@@ -73,10 +75,15 @@ def store_path(out_dir: str | Path, resolution: Resolution, tile_size: int, over
     return Path(out_dir) / setting_name(resolution, tile_size, overlap) / "patches" / f"{slide_id}.h5"
 
 
+OME_SUFFIX = ".ome"  # the inner extension of .ome.tif / .ome.tiff
+
+
 def default_slide_id(slide_path: str | Path) -> str:
-    """The file name without its extension (a DICOM folder's own name)."""
+    """The file name without its extension (``.ome.tif`` counts as one; a DICOM folder's own name)."""
     path = Path(slide_path)
-    return path.name if path.is_dir() else path.stem
+    if path.is_dir():
+        return path.name
+    return path.stem[: -len(OME_SUFFIX)] if path.stem.lower().endswith(OME_SUFFIX) else path.stem
 
 
 def _check_params(slide_path: Path, tile_size: int, overlap: int, min_tissue: float) -> None:
@@ -285,4 +292,4 @@ def tile_slide(slide_path: str | Path, out_dir: str | Path, resolution: Resoluti
     log.info("%s: %d tiles at %s (level %d, x%.3f)", slide_path, n_tiles, resolution, plan.read_level,
              plan.resize_factor)
     return TilingResult(slide_id, slide_path, "ok" if n_tiles else "no-tissue", n_tiles, h5_path,
-                        time.perf_counter() - start, plan)
+                        time.perf_counter() - start, plan, slide.reader_name)

@@ -14,6 +14,7 @@ import h5py
 import numpy as np
 import pytest
 
+from wsi_tiling import tiler as tiler_module
 from wsi_tiling.cli import _pooled, main
 from wsi_tiling.inputs import SlideJob
 
@@ -179,3 +180,22 @@ def test_tcga_slide_without_mpp_needs_slide_mpp(tmp_path: Path, shared_data: Pat
     # 0.25 µm/px given -> 40x derived -> 10x is a downsample of 4, read from the 2.0005x level
     assert (row["status"], row["mpp_source"], row["read_level"]) == ("ok", "user", "1")
     assert float(row["target_mpp"]) == pytest.approx(1.0)
+
+
+def test_an_attribute_error_in_a_reader_costs_the_slide_not_the_batch(
+        tmp_path: Path, stripes_slide: Path, blank_slide: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    real = tiler_module.plan_read
+
+    def renamed_api(resolution, slide, **kwargs):  # noqa: ANN001, ANN003, ANN202 - a library changed under us
+        if slide.path.name == "blank.svs":
+            raise AttributeError("module 'openslide.lowlevel' has no attribute 'read_region'")
+        return real(resolution, slide, **kwargs)
+
+    monkeypatch.setattr(tiler_module, "plan_read", renamed_api)
+    out = tmp_path / "out"
+    assert main([str(stripes_slide), str(blank_slide), "--out", str(out), "--magnification", "10",
+                 "--tile-size", "64", "--workers", "1", "--no-thumbnails"]) == 1
+    rows = _manifest(out)
+    assert rows[("stripes", "10x_64px_0px_overlap")]["status"] == "ok"
+    blank = rows[("blank", "10x_64px_0px_overlap")]
+    assert blank["status"] == "error" and "blank.svs" in blank["error"] and "AttributeError" in blank["error"]

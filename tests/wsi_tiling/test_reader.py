@@ -1,12 +1,15 @@
 """The OpenSlide wrapper and its in-memory twin."""
 from __future__ import annotations
 
+import logging
 from pathlib import Path
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
 
 from wsi_tiling import InMemorySlide, SlideOpenError, SlideReader, SlideReadError
+from wsi_tiling import reader as reader_module
 
 
 def test_synthetic_slide_metadata(stripes_slide: Path) -> None:
@@ -56,3 +59,27 @@ def test_in_memory_twin_reads_levels_and_pads_with_glass() -> None:
     region = slide.read_region((2, 2), 1, (4, 4))
     assert (region[:3, :3] == level0[2::2, 2::2][:3, :3]).all()
     assert (region[3, :] == 255).all() and (region[:, 3] == 255).all()
+
+
+def test_missing_private_read_falls_back_to_the_public_one_with_one_warning(
+        stripes_slide: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture) -> None:
+    monkeypatch.setattr(reader_module, "FAST_VENDORS", frozenset())  # every read through OpenSlide
+    with SlideReader(stripes_slide) as slide:
+        fast = slide.read_region((200, 240), 0, (96, 64))
+    monkeypatch.setattr(reader_module._PrivateApi, "usable", True)
+    monkeypatch.setattr(reader_module, "lowlevel", SimpleNamespace())  # a release without it
+    with caplog.at_level(logging.WARNING), SlideReader(stripes_slide) as slide:
+        public = slide.read_region((200, 240), 0, (96, 64))
+        slide.read_region((0, 0), 1, (32, 32))
+    assert (public == fast).all()  # lossless slide: the same pixels either way
+    assert caplog.text.count("_read_region is missing or changed") == 1
+
+
+def test_changed_private_signature_falls_back(stripes_slide: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(reader_module, "FAST_VENDORS", frozenset())
+    monkeypatch.setattr(reader_module._PrivateApi, "usable", True)
+    changed = SimpleNamespace(_read_region=lambda osr, x, y, level, w, h: None)  # one argument fewer
+    monkeypatch.setattr(reader_module, "lowlevel", changed)
+    with SlideReader(stripes_slide) as slide:
+        region = slide.read_region((0, 0), 2, (16, 16))
+    assert region.shape == (16, 16, 3) and not reader_module._PrivateApi.usable

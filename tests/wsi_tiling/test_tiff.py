@@ -20,7 +20,7 @@ def _regions(size: tuple[int, int]) -> list[tuple[int, int, int, int]]:
 
 def _assert_same_as_openslide(path: Path) -> None:
     with openslide.OpenSlide(path) as slide:
-        tiles = TiffTiles(path, slide.level_dimensions)
+        tiles = TiffTiles.for_openslide_levels(path, slide.level_dimensions)
         assert all(tiles.serves(level) for level in range(slide.level_count))
         for level, size in enumerate(slide.level_dimensions):
             downsample = slide.level_downsamples[level]
@@ -49,6 +49,6 @@ def test_jpeg2000_svs_falls_back_to_openslide(shared_data: Path) -> None:
     # The TCGA slide's tiles are Aperio JPEG 2000 (33005): not decoded here, still readable.
     path = shared_data / "slides" / "tcga-cr-7395-01a-01-ts1.svs"
     with openslide.OpenSlide(path) as slide:
-        assert not TiffTiles(path, slide.level_dimensions).serves(0)
+        assert not TiffTiles.for_openslide_levels(path, slide.level_dimensions).serves(0)
     with SlideReader(path) as reader:
         assert reader.read_region((1000, 1000), 0, (64, 64)).std() > 0

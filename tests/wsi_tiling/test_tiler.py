@@ -9,7 +9,7 @@ import h5py
 import numpy as np
 import openslide
 import pytest
-from tests.conftest import STRIPES_MPP, STRIPES_PERIOD_UM, STRIPES_TISSUE_UM
+from tests.conftest import STRIPES_MPP, STRIPES_PERIOD_UM, inside_tissue_boxes, stripe_period_px
 
 from wsi_tiling import (InvalidParameterError, MissingResolutionError, OutputError, Resolution,
                         ResolutionUnavailableError, SlideOpenError, SlideReadError, TileReader,
@@ -22,23 +22,6 @@ from wsi_tiling.tissue import TissueParams
 TILE_UM = 96.0  # small enough that whole tiles fit inside the stripes slide's tissue boxes
 
 
-def _period_px(tile: np.ndarray) -> float:
-    """Stripe period of a tile of vertical stripes, from sub-pixel dark-to-bright crossings."""
-    profile = tile.astype(np.float64).mean(axis=(0, 2))
-    middle = (profile.max() + profile.min()) / 2
-    rising = np.flatnonzero((profile[:-1] <= middle) & (profile[1:] > middle))
-    crossings = rising + (middle - profile[rising]) / (profile[rising + 1] - profile[rising])
-    return (crossings[-1] - crossings[0]) / (len(crossings) - 1)
-
-
-def _inside_tissue_boxes(coords: np.ndarray, footprint_um: float) -> np.ndarray:
-    x_um, y_um = coords[:, 0] * STRIPES_MPP, coords[:, 1] * STRIPES_MPP
-    inside = np.zeros(len(coords), bool)
-    for bx, by, bw, bh in STRIPES_TISSUE_UM:
-        inside |= (x_um >= bx) & (x_um + footprint_um <= bx + bw) & (y_um >= by) & (y_um + footprint_um <= by + bh)
-    return inside
-
-
 @pytest.mark.parametrize(("resolution", "target_mpp"), [
     (Resolution(20, "power"), 0.5), (Resolution(10, "power"), 1.0), (Resolution(5, "power"), 2.0),
     (Resolution(0.8, "mpp"), 0.8), (Resolution(1.3, "mpp"), 1.3),
@@ -48,11 +31,11 @@ def test_stripe_period_has_its_physical_size(stripes_slide: Path, tmp_path: Path
     tile_size = round(TILE_UM / target_mpp)
     result = tile_slide(stripes_slide, tmp_path, resolution, tile_size, save_tiles=True)
     reader = TileReader(result.h5_path)
-    inside = np.flatnonzero(_inside_tissue_boxes(reader.coords, tile_size * target_mpp))
+    inside = np.flatnonzero(inside_tissue_boxes(reader.coords, tile_size * target_mpp))
     assert len(inside) >= 1
     expected_px = STRIPES_PERIOD_UM / target_mpp
     for index in inside:
-        assert _period_px(reader[index]) == pytest.approx(expected_px, rel=0.01)
+        assert stripe_period_px(reader[index]) == pytest.approx(expected_px, rel=0.01)
     assert reader.attrs["target_mpp"] == pytest.approx(target_mpp)
 
 
@@ -61,10 +44,10 @@ def test_upsampling_when_asked_keeps_the_physical_size(stripes_slide: Path, tmp_
     result = tile_slide(stripes_slide, tmp_path, Resolution(80, "power"), 512, save_tiles=True, allow_upsample=True)
     assert result.plan is not None and result.plan.resize_factor == 0.5
     reader = TileReader(result.h5_path)
-    inside = np.flatnonzero(_inside_tissue_boxes(reader.coords, 512 * 0.125))
+    inside = np.flatnonzero(inside_tissue_boxes(reader.coords, 512 * 0.125))
     assert len(inside) >= 1
     for index in inside:
-        assert _period_px(reader[index]) == pytest.approx(64.0, rel=0.01)
+        assert stripe_period_px(reader[index]) == pytest.approx(64.0, rel=0.01)
 
 
 def _pooled_psnr(pairs: list[tuple[np.ndarray, np.ndarray]]) -> float:
