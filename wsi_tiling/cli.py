@@ -33,7 +33,7 @@ __all__ = ["main", "TileOptions"]
 log = logging.getLogger("wsi_tiling")
 
 MANIFEST_COLUMNS = ("slide_id", "slide_path", "setting", "status", "n_tiles", "seconds", "target_mpp",
-                    "slide_mpp", "mpp_source", "read_level", "resize_factor", "reader", "h5_path", "error")
+                    "slide_mpp", "mpp_source", "read_level", "resize_factor", "reader", "h5_path", "warning", "error")
 MAX_ATTEMPTS = 2  # a slide whose worker process died is retried once, alone
 MAX_THREADS_PER_SLIDE = 8  # each reading thread holds up to ~150 MB of blocks
 # recorded, the run goes on; AttributeError and TypeError too: a reader library changing its API
@@ -87,7 +87,7 @@ def _tile_setting(job: SlideJob, options: TileOptions, resolution: Resolution) -
             "target_mpp": plan and round(plan.target_mpp, 5), "slide_mpp": plan and plan.slide_mpp,
             "mpp_source": plan and plan.mpp_source, "read_level": plan and plan.read_level,
             "resize_factor": plan and round(plan.resize_factor, 5), "reader": result.reader,
-            "h5_path": str(result.h5_path), "error": ""}
+            "h5_path": str(result.h5_path), "warning": "; ".join(result.warnings), "error": ""}
 
 
 def _write_thumbnail(job: SlideJob, out_dir: Path, rows: list[Row]) -> list[Row]:

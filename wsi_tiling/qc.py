@@ -26,6 +26,7 @@ __all__ = ["draw_qc", "draw_tiling_qc", "write_png"]
 OUTLINE_RGB = (0, 160, 0)  # tissue mask outline
 GRID_RGB = (0, 0, 255)  # kept tiles
 TITLE_RGB = (0, 0, 0)
+WARNING_RGB = (200, 0, 0)  # colour warnings above the panels
 BACKGROUND = 255  # white around the titles and between panels
 LINE_PX = 1
 GAP_PX = 8  # between panels
@@ -59,7 +60,7 @@ def draw_qc(thumbnail: np.ndarray, mask: np.ndarray, coords_level0: np.ndarray, 
     return picture
 
 
-def _title_strips(titles: list[str], width: int) -> list[np.ndarray]:
+def _title_strips(titles: list[str], width: int, rgb: tuple[int, int, int] = TITLE_RGB) -> list[np.ndarray]:
     """Each title in one line on a white strip ``width`` wide; one font size, so equal heights."""
     longest = max(cv2.getTextSize(title, FONT, 1.0, 1)[0][0] for title in titles)
     scale = min(FONT_SCALES[1], max(FONT_SCALES[0], (width - 2 * TITLE_MARGIN_PX) / longest))
@@ -68,7 +69,7 @@ def _title_strips(titles: list[str], width: int) -> list[np.ndarray]:
     strips = []
     for title in titles:
         strip = np.full((height, width, 3), BACKGROUND, np.uint8)
-        cv2.putText(strip, title, (TITLE_MARGIN_PX, TITLE_MARGIN_PX + text_h), FONT, scale, TITLE_RGB, 1,
+        cv2.putText(strip, title, (TITLE_MARGIN_PX, TITLE_MARGIN_PX + text_h), FONT, scale, rgb, 1,
                     cv2.LINE_AA)
         strips.append(strip)
     return strips
@@ -78,7 +79,8 @@ def draw_tiling_qc(slide_path: str | Path, h5_paths: Sequence[str | Path]) -> np
     """One picture of a slide's tile stores: per store a panel with the thumbnail, the tissue outline
     and the kept tiles, titled with its setting and tile count.
 
-    Panels sit side by side, or one above the other when the slide is wider than tall. The
+    Panels sit side by side, or one above the other when the slide is wider than tall; colour
+    warnings (:mod:`wsi_tiling.colour`) are written in red above them. The
     thumbnail and mask come from the tiler's own ``detect_tissue`` with the tissue settings and slide
     µm/px recorded in the stores (right after tiling, its remembered result), so the stores must
     agree on those (one ``wsi-tile`` run does).
@@ -101,7 +103,8 @@ def draw_tiling_qc(slide_path: str | Path, h5_paths: Sequence[str | Path]) -> np
         raise InvalidParameterError(slide_path, "a QC picture needs one or more tile stores made with the same "
                                     f"tissue settings and slide µm/px, got {len(made_with)} combinations")
     with SlideReader(slide_path) as slide:
-        thumbnail, mask, scale = detect_tissue(slide, infos[0].slide_mpp, TissueParams(**infos[0].request["tissue"]))
+        found = detect_tissue(slide, infos[0].slide_mpp, TissueParams(**infos[0].request["tissue"]))
+    thumbnail, mask, scale = found.thumbnail, found.mask, found.scale
     titles = [f"{setting_name(i.resolution, i.tile_size, i.overlap)}: {len(s)} tiles" for s, i in zip(stores, infos)]
     strips = _title_strips(titles, thumbnail.shape[1])
     (title_h, width), height = strips[0].shape[:2], thumbnail.shape[0]
@@ -115,6 +118,8 @@ def draw_tiling_qc(slide_path: str | Path, h5_paths: Sequence[str | Path]) -> np
         canvas[y : y + title_h, x : x + width] = strip
         canvas[y + title_h : y + title_h + height, x : x + width] = draw_qc(thumbnail, mask, store.coords,
                                                                              footprint, scale)
+    if found.colours.warnings:
+        canvas = np.concatenate([*_title_strips(list(found.colours.warnings), canvas.shape[1], WARNING_RGB), canvas])
     return canvas
 
 

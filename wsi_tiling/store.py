@@ -21,6 +21,7 @@ import h5py
 import imagecodecs
 import numpy as np
 
+from .colour import AS_READ, YCBCR_TO_RGB, YCbCrAsRgb
 from .errors import OutputError
 from .reader import SlideReader
 from .regions import read_scaled
@@ -37,7 +38,7 @@ PROBE_ROWS = 16  # rows of a tile deflated to predict whether the whole tile is 
 RAW_ABOVE_RATIO = 0.85  # predicted compressed/raw size above which a tile is stored raw
 GZIP_SKIPPED = 1  # HDF5 chunk filter mask: the first (gzip) filter was not applied
 DEFAULT_READER = "openslide"  # what stores written before the attribute existed were read with
-DEFAULT_COLOUR = "as-read"  # stores written before the colour check: pixels as the reader gave them
+DEFAULT_COLOUR = AS_READ  # stores written before the colour check: pixels as the reader gave them
 
 
 class EncodedTile(NamedTuple):
@@ -284,7 +285,8 @@ class TileReader(Sequence[np.ndarray]):
             return h5["tiles"][index]
         x, y = self.coords[index]
         size = self.tile_size
-        return read_scaled(slide, (int(x), int(y)), int(self.attrs["read_level"]),
+        source = YCbCrAsRgb(slide) if self.attrs.get("colour") == YCBCR_TO_RGB else slide
+        return read_scaled(source, (int(x), int(y)), int(self.attrs["read_level"]),
                            (self._read_size, self._read_size), (size, size))
 
     def _open(self) -> tuple[h5py.File | None, SlideReader | None]:

@@ -23,10 +23,11 @@ import numpy as np
 from tqdm import tqdm
 
 from . import __version__
+from .colour import ColourCheck, YCbCrAsRgb, check_colours, ycbcr_to_rgb
 from .errors import InvalidParameterError
 from .grid import footprint_level0, grid_coords, grid_indices, grid_shape, group_into_blocks
 from .reader import SlideReader
-from .regions import MAX_READ_PIXELS, read_scaled, read_thumbnail
+from .regions import MAX_READ_PIXELS, RegionSource, read_scaled, read_thumbnail
 from .resolution import ReadPlan, Resolution, plan_read
 from .store import EncodedTile, TileStoreWriter, compress_tile
 from .tissue import TissueParams, tissue_fraction, tissue_mask
@@ -53,6 +54,7 @@ class TilingResult:
         seconds: wall time spent.
         plan: the read plan (None when skipped).
         reader: the library that read the slide, ``openslide`` or ``tifffile`` ("" when skipped).
+        warnings: colour warnings (see :mod:`wsi_tiling.colour`), one line each.
     """
 
     slide_id: str
@@ -63,6 +65,7 @@ class TilingResult:
     seconds: float
     plan: ReadPlan | None = None
     reader: str = ""
+    warnings: tuple[str, ...] = ()
 
 
 def setting_name(resolution: Resolution, tile_size: int, overlap: int) -> str:
@@ -115,26 +118,40 @@ def _finished_store(h5_path: Path, params_hash: str) -> int | None:
         return None
 
 
-TissueMap = tuple[np.ndarray, np.ndarray, tuple[float, float]]
+@dataclass(frozen=True)
+class TissueMap:
+    """A slide's tissue detection: the thumbnail, its mask and what its colours say.
+
+    Attributes:
+        thumbnail: (H, W, 3) uint8 RGB at the mask's µm/px (converted when YCbCr was read as RGB).
+        mask: (H, W) bool, True on tissue.
+        scale: level-0 pixels per thumbnail pixel (x, y).
+        colours: the colour check of the thumbnail as read.
+    """
+
+    thumbnail: np.ndarray
+    mask: np.ndarray
+    scale: tuple[float, float]
+    colours: ColourCheck
+
+
 _last_tissue: dict[tuple[Any, ...], TissueMap] = {}  # one slide: see detect_tissue
 _last_tissue_lock = threading.Lock()
 
 
 def detect_tissue(slide: SlideReader, slide_mpp: float, params: TissueParams) -> TissueMap:
-    """The slide's thumbnail at ``params.mask_mpp`` and its tissue mask.
+    """The slide's thumbnail at ``params.mask_mpp``, its tissue mask and its colour check.
 
-    The last slide's result is remembered (keyed by the file's path, size and modification time,
-    the µm/px and the settings), so the several resolutions of one slide and its QC picture decode
-    the thumbnail once: on a single-level slide that is a decode of the whole slide. The arrays
-    are shared, hence read-only.
+    A thumbnail whose glass is YCbCr read as RGB is converted before the mask is made. The last
+    slide's result is remembered (keyed by the file's path, size and modification time, the µm/px
+    and the settings), so the several resolutions of one slide and its QC picture decode the
+    thumbnail once: on a single-level slide that is a decode of the whole slide. The arrays are
+    shared, hence read-only.
 
     Args:
         slide: the open slide.
         slide_mpp: level-0 µm/px (the read plan's).
         params: tissue detection settings.
-
-    Returns:
-        ((H, W, 3) uint8 RGB thumbnail, (H, W) bool mask, level-0 pixels per thumbnail pixel (x, y)).
     """
     path = Path(slide.path).resolve()
     stat = path.stat()
@@ -144,12 +161,19 @@ def detect_tissue(slide: SlideReader, slide_mpp: float, params: TissueParams) ->
             return _last_tissue[key]
     thumbnail, scale = read_thumbnail(slide, MAX_THUMBNAIL_SIDE, mpp=params.mask_mpp, slide_mpp=slide_mpp)
     mask = tissue_mask(thumbnail, slide_mpp * scale[0], params)
+    colours = check_colours(thumbnail, mask)
+    for warning in colours.warnings:
+        log.warning("%s: %s", slide.path, warning)
+    if colours.ycbcr_as_rgb:
+        thumbnail = ycbcr_to_rgb(thumbnail)
+        mask = tissue_mask(thumbnail, slide_mpp * scale[0], params)
     thumbnail.setflags(write=False)
     mask.setflags(write=False)
+    found = TissueMap(thumbnail, mask, scale, colours)
     with _last_tissue_lock:
         _last_tissue.clear()
-        _last_tissue[key] = (thumbnail, mask, scale)
-    return thumbnail, mask, scale
+        _last_tissue[key] = found
+    return found
 
 
 def _block_tiles(tile_size: int, overlap: int, resize_factor: float, n_tiles: int, threads: int) -> int:
@@ -163,7 +187,7 @@ def _block_tiles(tile_size: int, overlap: int, resize_factor: float, n_tiles: in
     return max(1, min(memory_edge, math.isqrt(n_tiles // (BLOCKS_PER_THREAD * threads))))
 
 
-def _read_block(slide: SlideReader, plan: ReadPlan, indices: np.ndarray, tile_size: int,
+def _read_block(slide: RegionSource, plan: ReadPlan, indices: np.ndarray, tile_size: int,
                 overlap: int) -> list[EncodedTile]:
     """Reads the bounding region of a block's tiles once, resizes it once, cuts and compresses tiles."""
     step = tile_size - overlap
@@ -192,7 +216,7 @@ def _windowed_map(function: Callable[[np.ndarray], list[EncodedTile]], items: li
             yield future.result()
 
 
-def _write_tiles(slide: SlideReader, plan: ReadPlan, indices: np.ndarray, tile_size: int, overlap: int,
+def _write_tiles(slide: RegionSource, plan: ReadPlan, indices: np.ndarray, tile_size: int, overlap: int,
                  writer: TileStoreWriter, threads: int, progress: bool) -> None:
     edge = _block_tiles(tile_size, overlap, plan.resize_factor, len(indices), threads)
     blocks = group_into_blocks(indices, edge)
@@ -209,7 +233,7 @@ def _write_tiles(slide: SlideReader, plan: ReadPlan, indices: np.ndarray, tile_s
 
 
 def _store_attrs(slide: SlideReader, plan: ReadPlan, slide_id: str, tile_size: int, overlap: int,
-                 request: dict[str, Any], params_hash: str, colour: str) -> dict[str, Any]:
+                 request: dict[str, Any], params_hash: str, colours: ColourCheck) -> dict[str, Any]:
     """CLAM's, TRIDENT's and our own attributes of ``coords``."""
     width, height = slide.dimensions
     level_dim = slide.level_dimensions[plan.read_level]
@@ -228,7 +252,8 @@ def _store_attrs(slide: SlideReader, plan: ReadPlan, slide_id: str, tile_size: i
         "target_downsample": plan.target_downsample,
         "patch_size_read_level": max(1, round(tile_size * plan.resize_factor)),
         "step_level0": (tile_size - overlap) * plan.target_downsample,
-        "resolution": request["resolution"], "reader": slide.reader_name, "colour": colour,
+        "resolution": request["resolution"], "reader": slide.reader_name, "colour": colours.colour,
+        "colour_warnings": "; ".join(colours.warnings),
         "slide_path": str(Path(slide.path).resolve()), "params_hash": params_hash,
         "params": json.dumps(request, sort_keys=True, default=str), "wsi_tiling_version": __version__,
     }
@@ -277,19 +302,20 @@ def tile_slide(slide_path: str | Path, out_dir: str | Path, resolution: Resoluti
         return TilingResult(slide_id, slide_path, "skipped", done, h5_path, time.perf_counter() - start)
     with SlideReader(slide_path) as slide:
         plan = plan_read(resolution, slide, slide_mpp=slide_mpp, allow_upsample=allow_upsample)
-        _, mask, mask_scale = detect_tissue(slide, plan.slide_mpp, tissue)
+        found = detect_tissue(slide, plan.slide_mpp, tissue)
         indices = grid_indices(grid_shape(slide.dimensions, tile_size, overlap, plan.target_downsample))
         coords = grid_coords(indices, tile_size, overlap, plan.target_downsample)
         footprint = footprint_level0(tile_size, plan.target_downsample)
-        fraction = tissue_fraction(mask, mask_scale, coords, footprint)
+        fraction = tissue_fraction(found.mask, found.scale, coords, footprint)
         keep = fraction >= min_tissue
-        attrs = _store_attrs(slide, plan, slide_id, tile_size, overlap, request, params_hash, "as-read")
+        attrs = _store_attrs(slide, plan, slide_id, tile_size, overlap, request, params_hash, found.colours)
+        source = YCbCrAsRgb(slide) if found.colours.ycbcr_as_rgb else slide
         with TileStoreWriter(h5_path, coords[keep], fraction[keep], attrs,
                              tile_size if save_tiles else None) as writer:
             if save_tiles:
-                _write_tiles(slide, plan, indices[keep], tile_size, overlap, writer, threads, progress)
+                _write_tiles(source, plan, indices[keep], tile_size, overlap, writer, threads, progress)
     n_tiles = int(keep.sum())
     log.info("%s: %d tiles at %s (level %d, x%.3f)", slide_path, n_tiles, resolution, plan.read_level,
              plan.resize_factor)
     return TilingResult(slide_id, slide_path, "ok" if n_tiles else "no-tissue", n_tiles, h5_path,
-                        time.perf_counter() - start, plan, slide.reader_name)
+                        time.perf_counter() - start, plan, slide.reader_name, found.colours.warnings)
