@@ -46,9 +46,12 @@ class ModelSpec:
         class_names: one name per output logit, in logit order.
         img_size: model input edge in pixels (tiles are resized to it).
         tile_size: tile edge in pixels as cut by the tiler, at ``resolution``.
-        resolution: the physical resolution tiles were cut at in training.
+        resolution: the resolution training tiles were asked at (e.g. ``20x``).
         mean: per-channel normalisation mean, for RGB in [0, 1].
         std: per-channel normalisation standard deviation.
+        tile_mpp: the µm/px the training tiles were delivered at (median over their tile stores);
+            None when unknown (image tiles, or a checkpoint older than this field).
+        tile_mpp_spread: (max - min) / median of the stores' delivered µm/px; None when unknown.
     """
 
     model_name: str
@@ -59,6 +62,8 @@ class ModelSpec:
     resolution: Resolution
     mean: tuple[float, float, float] = IMAGENET_MEAN
     std: tuple[float, float, float] = IMAGENET_STD
+    tile_mpp: float | None = None
+    tile_mpp_spread: float | None = None
 
     @property
     def num_classes(self) -> int:
@@ -84,7 +89,13 @@ class ModelSpec:
             resolution=Resolution(float(data["resolution"]["value"]), data["resolution"]["unit"]),
             mean=tuple(data["mean"]),
             std=tuple(data["std"]),
+            tile_mpp=_optional_float(data.get("tile_mpp")),
+            tile_mpp_spread=_optional_float(data.get("tile_mpp_spread")),
         )
+
+
+def _optional_float(value: Any) -> float | None:
+    return None if value is None else float(value)
 
 
 def save_checkpoint(path: str | Path, model: nn.Module, spec: ModelSpec) -> Path:
@@ -134,6 +145,9 @@ def load_checkpoint(path: str | Path) -> tuple[dict[str, torch.Tensor], ModelSpe
     if not isinstance(ckpt, dict) or SPEC_KEY not in ckpt or "state_dict" not in ckpt:
         raise CheckpointError(f"{path}: not a pathology tile-classifier checkpoint (no '{SPEC_KEY}')")
     state = {k[len(STATE_PREFIX):]: v for k, v in ckpt["state_dict"].items() if k.startswith(STATE_PREFIX)}
+    if "tile_mpp" not in ckpt[SPEC_KEY]:
+        log.warning("%s: written before checkpoints recorded the training tiles' µm/px; inference can only "
+                    "ask for the requested resolution (%s)", path, ckpt[SPEC_KEY].get("resolution"))
     return state, ModelSpec.from_dict(ckpt[SPEC_KEY])
 
 

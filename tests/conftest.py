@@ -11,6 +11,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from wsi_tiling import Resolution, tile_slide
 from wsi_tiling.synthetic import BlankPainter, StripesPainter, write_slide
 
 REPO = Path(__file__).resolve().parents[1]
@@ -91,6 +92,28 @@ def truncated_slide(stripes_slide: Path, slides_dir: Path) -> Path:
     path = slides_dir / "truncated.svs"
     path.write_bytes(data[: len(data) // 3])
     return path
+
+
+# Level-0 µm/px of 40x scanners: two within 1 % of each other, and a Hamamatsu-like one 9 % finer.
+SCANNER_MPP = {"aperio_a": 0.25, "aperio_b": 0.25, "close_a": 0.2475, "close_b": 0.2475, "hamamatsu": 0.2282}
+SCANNER_TILE_PX = 64
+
+
+@pytest.fixture(scope="session")
+def scanner_stores(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """``patches/`` of one small stripes slide per entry of :data:`SCANNER_MPP`, each a 40x scan,
+    tiled at 10x (downsample 4, so 1.0, 0.99 or 0.9128 µm/px delivered), 64 px tiles."""
+    root = tmp_path_factory.mktemp("scanners")
+    (root / "slides").mkdir()
+    h5_dir = None
+    for slide_id, mpp in SCANNER_MPP.items():
+        painter = StripesPainter(mpp, STRIPES_PERIOD_UM, ((0.0, 0.0, 600.0, 600.0),))
+        size = round(640 / mpp)
+        slide = write_slide(root / "slides" / f"{slide_id}.svs", painter, (size, size), mpp=mpp, objective_power=40,
+                            downsamples=(1, 4), compression="zlib")
+        h5_dir = tile_slide(slide, root / "tiles", Resolution(10, "power"), SCANNER_TILE_PX).h5_path.parent
+    assert h5_dir is not None
+    return h5_dir
 
 
 @pytest.fixture

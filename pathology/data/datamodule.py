@@ -78,13 +78,15 @@ class TileDataModule(L.LightningDataModule):
         self.balanced_sampling = balanced_sampling
         self.augment = augment or AugmentConfig()
         self.tables: dict[str, pd.DataFrame] = {}
+        self.tiling: dict | None = None  # how the tiles were cut, when the source knows (after setup)
 
     def setup(self, stage: str | None = None) -> None:
         """Reads the source, splits by patient (checked) and keeps one tile table per split."""
         if self.tables:
             return
         table = self.source.table(self.class_names)
-        self._check_tiling(table.attrs.get("tiling"))
+        self.tiling = table.attrs.get("tiling")
+        self._check_tiling(self.tiling)
         table = table[table["label"] >= 0].reset_index(drop=True)
         if table.empty:
             raise EmptyTileSetError(f"{self.source.__class__.__name__}: no labelled tiles for {self.class_names}")

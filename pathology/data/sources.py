@@ -29,6 +29,7 @@ from pathology.data.errors import EmptyTileSetError, LabelError, TilingMismatchE
 __all__ = ["TILE_COLUMNS", "TileSource", "ImageFolderSource", "ImageCsvSource", "H5Source", "read_table"]
 
 TILE_COLUMNS = ["path", "tile_index", "slide_path", "label", "patient_id", "slide_id"]
+DEFAULT_MPP_TOLERANCE = 0.02  # relative: stores delivering µm/px within 2 % of the median train together
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".tif", ".tiff", ".bmp")
 
 
@@ -36,8 +37,9 @@ class TileSource(ABC):
     """A swappable source of labelled tiles (``class_path`` / ``init_args`` in YAML).
 
     A source that knows how its tiles were cut records it in the table's ``attrs["tiling"]``
-    (``tile_size``, requested ``resolution``, delivered ``mpp`` and ``power``, ``where``), and the
-    DataModule checks it against the config.
+    (``tile_size``, requested ``resolution``, delivered ``mpp`` and ``power`` (medians over slides),
+    ``mpp_spread`` ((max - min) / median of the slides' µm/px), ``where``), and the DataModule checks
+    it against the config; training records ``mpp`` and ``mpp_spread`` in the checkpoint.
     """
 
     @abstractmethod
@@ -144,7 +146,7 @@ class H5Source(TileSource):
 
     def __init__(self, h5_dir: str | Path, slides_csv: str | Path, slide_dir: str | Path | None = None,
                  geojson_dir: str | Path | None = None, min_coverage: float = 0.5,
-                 background_class: str | None = None) -> None:
+                 background_class: str | None = None, mpp_tolerance: float = DEFAULT_MPP_TOLERANCE) -> None:
         """Args:
             h5_dir: the tiler's ``patches/`` folder holding ``<slide_id>.h5``.
             slides_csv: CSV with ``slide_id``, ``patient_id`` and (without GeoJSON) ``label``;
@@ -153,11 +155,15 @@ class H5Source(TileSource):
             geojson_dir: folder of ``<slide_id>.geojson`` region annotations; labels tiles by coverage.
             min_coverage: fraction of a tile a class must cover to label it (GeoJSON only).
             background_class: class for tiles no region covers enough; None leaves them out.
+            mpp_tolerance: relative difference from the median delivered µm/px a slide's store may
+                have (stores of several scanners tiled at one objective power differ); beyond it
+                training stops, naming the outlying slides.
         """
         self.h5_dir, self.slides_csv = Path(h5_dir), Path(slides_csv)
         self.slide_dir = None if slide_dir is None else Path(slide_dir)
         self.geojson_dir = None if geojson_dir is None else Path(geojson_dir)
         self.min_coverage, self.background_class = min_coverage, background_class
+        self.mpp_tolerance = mpp_tolerance
 
     def _slide_path(self, row: pd.Series) -> str:
         if row.get("slide_path"):
@@ -186,12 +192,13 @@ class H5Source(TileSource):
         if missing:
             raise LabelError(f"{self.slides_csv}: slides {missing} have no tile file in {self.h5_dir}")
         slide_labels = _label_indices(slides.get("label", pd.Series([""] * len(slides))), class_names, self.slides_csv)
-        parts, settings = [], set()
+        parts, settings, delivered = [], set(), {}
         for (_, row), slide_label in zip(slides.iterrows(), slide_labels):
             h5_path, slide_path = self.h5_dir / f"{row['slide_id']}.h5", self._slide_path(row)
             reader = TileReader(h5_path, slide_path or None)
             info = reader.info
-            settings.add((info.tile_size, str(info.resolution), round(info.target_mpp, 4), round(info.target_power, 3)))
+            settings.add((info.tile_size, str(info.resolution)))
+            delivered[row["slide_id"]] = (info.target_mpp, info.target_power)
             labels = self._tile_labels(row["slide_id"], reader, int(slide_label), class_names)
             parts.append(pd.DataFrame({"path": str(h5_path), "tile_index": np.arange(len(labels)),
                                        "slide_path": slide_path, "label": labels, "patient_id": row["patient_id"],
@@ -201,7 +208,26 @@ class H5Source(TileSource):
             raise EmptyTileSetError(f"{self.slides_csv}: the listed slides hold no tiles in {self.h5_dir}")
         if len(settings) > 1:
             raise TilingMismatchError(f"{self.h5_dir}: tile files were cut at different settings {sorted(settings)}")
-        (tile_size, resolution, mpp, power), = settings
-        table.attrs["tiling"] = {"tile_size": tile_size, "resolution": resolution, "mpp": mpp, "power": power,
-                                 "where": str(self.h5_dir)}
+        (tile_size, resolution), = settings
+        mpp, spread = self._common_mpp({slide: mpp for slide, (mpp, _) in delivered.items()})
+        power = float(np.median([power for _, power in delivered.values()]))
+        table.attrs["tiling"] = {"tile_size": tile_size, "resolution": resolution, "mpp": mpp, "mpp_spread": spread,
+                                 "power": power, "where": str(self.h5_dir)}
         return table
+
+    def _common_mpp(self, mpp_by_slide: dict[str, float]) -> tuple[float, float]:
+        """(median µm/px, (max - min) / median) of the slides' delivered µm/px.
+
+        Raises:
+            TilingMismatchError: slides deliver µm/px further than ``mpp_tolerance`` from the median.
+        """
+        values = np.array(list(mpp_by_slide.values()))
+        median = float(np.median(values))
+        outliers = {s: m for s, m in mpp_by_slide.items() if abs(m / median - 1) > self.mpp_tolerance}
+        if outliers:
+            listed = ", ".join(f"{s} ({m:.4g})" for s, m in sorted(outliers.items()))
+            raise TilingMismatchError(
+                f"{self.h5_dir}: tiles of {listed} are more than {self.mpp_tolerance:.0%} from the median "
+                f"{median:.4g} µm/px (slides of different scanners tiled at one objective power); tile every "
+                f"slide at one physical resolution, e.g. wsi-tile --mpp {median:.2f}, or raise mpp_tolerance")
+        return median, float((values.max() - values.min()) / median)

@@ -87,6 +87,8 @@ class TileClassifier(L.LightningModule):
         weights = None if class_weights is None else torch.tensor(class_weights, dtype=torch.float32)
         self.register_buffer("loss_weights", weights, persistent=False)
         self._outputs: list[tuple[torch.Tensor, torch.Tensor]] = []
+        self.tile_mpp: float | None = None  # delivered µm/px of the training tiles (from the data, in setup)
+        self.tile_mpp_spread: float | None = None
 
     @property
     def normalization(self) -> tuple[tuple[float, ...], tuple[float, ...]]:
@@ -100,11 +102,15 @@ class TileClassifier(L.LightningModule):
         hp = self.hparams
         mean, std = self.normalization
         return ModelSpec(hp.model_name, dict(self.model.mhsa_blocks), tuple(hp.class_names), hp.img_size,
-                         hp.tile_size, self.resolution, mean, std)
+                         hp.tile_size, self.resolution, mean, std, self.tile_mpp, self.tile_mpp_spread)
 
     def setup(self, stage: str) -> None:
-        """Sets inverse-frequency loss weights from the training split when ``balanced_loss``."""
+        """Records the delivered µm/px of the data's tile stores (when it knows them) and sets
+        inverse-frequency loss weights from the training split when ``balanced_loss``."""
         datamodule = getattr(self.trainer, "datamodule", None)
+        tiling = getattr(datamodule, "tiling", None)
+        if stage == "fit" and tiling is not None:
+            self.tile_mpp, self.tile_mpp_spread = float(tiling["mpp"]), float(tiling.get("mpp_spread", 0.0))
         if stage == "fit" and self.hparams.balanced_loss and datamodule is not None:
             counts = np.maximum(datamodule.class_counts("train"), 1).astype(np.float32)
             self.loss_weights = torch.from_numpy(counts.sum() / (len(counts) * counts)).to(self.device)
@@ -186,3 +192,8 @@ class TileClassifier(L.LightningModule):
 
     def on_save_checkpoint(self, checkpoint: dict) -> None:
         checkpoint[SPEC_KEY] = self.spec.to_dict()
+
+    def on_load_checkpoint(self, checkpoint: dict) -> None:
+        """Restores the training tiles' µm/px, which is data, not a hyper-parameter."""
+        spec = checkpoint.get(SPEC_KEY, {})
+        self.tile_mpp, self.tile_mpp_spread = spec.get("tile_mpp"), spec.get("tile_mpp_spread")

@@ -119,3 +119,27 @@ def test_datamodule_checks_the_declared_tiling_against_the_h5(stripes_h5: Path, 
     equivalent = TileDataModule(source, ["a", "b"], tmp_path / "splits.csv", 64, "1mpp", test_fraction=0)
     with pytest.raises(SplitError):  # 10x of a 0.25 µm/px, 40x scan is 1 µm/px: the tiling check passes
         equivalent.setup("fit")
+
+
+def _slides_csv(path: Path, slide_ids: list[str]) -> Path:
+    labels = ["neg", "pos"] * len(slide_ids)
+    pd.DataFrame({"slide_id": slide_ids, "patient_id": [f"P{i}" for i in range(len(slide_ids))],
+                  "label": labels[: len(slide_ids)]}).to_csv(path, index=False)
+    return path
+
+
+def test_h5_stores_of_two_scanners_within_tolerance_share_one_tiling(scanner_stores: Path, tmp_path: Path) -> None:
+    csv = _slides_csv(tmp_path / "slides.csv", ["aperio_a", "close_a", "aperio_b"])
+    tiling = H5Source(scanner_stores, csv).table(["neg", "pos"]).attrs["tiling"]
+    # delivered 1.0, 0.99 and 1.0 µm/px: median 1.0, spread 0.01 / 1.0
+    assert tiling["mpp"] == pytest.approx(1.0) and tiling["mpp_spread"] == pytest.approx(0.01)
+    assert tiling["resolution"] == "10x" and tiling["power"] == pytest.approx(10)
+
+
+def test_h5_stores_beyond_tolerance_name_the_outliers(scanner_stores: Path, tmp_path: Path) -> None:
+    csv = _slides_csv(tmp_path / "slides.csv", ["aperio_a", "aperio_b", "hamamatsu"])
+    # 0.9128 µm/px is 8.7 % from the median 1.0
+    with pytest.raises(TilingMismatchError, match=r"hamamatsu \(0\.9128\).*2%.*wsi-tile --mpp 1\.00"):
+        H5Source(scanner_stores, csv).table(["neg", "pos"])
+    tiling = H5Source(scanner_stores, csv, mpp_tolerance=0.1).table(["neg", "pos"]).attrs["tiling"]
+    assert tiling["mpp_spread"] == pytest.approx((1.0 - 0.9128) / 1.0)

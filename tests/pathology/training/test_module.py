@@ -1,22 +1,28 @@
 """The LightningModule's numerics: metrics, schedule, backbone learning rate, and the NaN guard."""
 from __future__ import annotations
 
+import logging
 from pathlib import Path
 
 import lightning as L
 import numpy as np
+import pandas as pd
 import pytest
 import torch
 from lightning.pytorch.callbacks import ModelCheckpoint
+from tests.conftest import SCANNER_TILE_PX
 from torch.utils.data import DataLoader, TensorDataset
 
+from pathology.checkpoint import SPEC_KEY, load_checkpoint, save_checkpoint
+from pathology.data import H5Source, TileDataModule, TilingMismatchError
 from pathology.training import NonFiniteLossError, TileClassifier, TimeBudget, classification_metrics, warmup_cosine
+from wsi_tiling import Resolution
 
 IMG_PX = 32
 
 
 def _classifier(**kwargs) -> TileClassifier:
-    return TileClassifier(["neg", "pos"], tile_size=IMG_PX, resolution="10x", img_size=IMG_PX, **kwargs)
+    return TileClassifier(["neg", "pos"], **{"tile_size": IMG_PX, "resolution": "10x", "img_size": IMG_PX, **kwargs})
 
 
 def test_binary_metrics_by_hand() -> None:
@@ -95,3 +101,46 @@ def test_time_budget_replans_epochs_and_the_schedule_follows(planned_epochs: int
     trainer.fit(_classifier(warmup_fraction=0.0), train_dataloaders=loader)
     assert trainer.current_epoch == 3 and trainer.global_step == 6
     assert trainer.optimizers[0].param_groups[0]["lr"] == pytest.approx(0.0, abs=1e-12)  # cosine ended at step 6
+
+
+def test_mixed_scanner_stores_train_and_the_checkpoint_records_their_mpp(scanner_stores: Path, tmp_path: Path) -> None:
+    slide_ids = ["aperio_a", "close_a", "aperio_b", "close_b"]  # 1.0, 0.99, 1.0, 0.99 µm/px at "10x"
+    csv = tmp_path / "slides.csv"
+    pd.DataFrame({"slide_id": slide_ids, "patient_id": slide_ids, "label": ["neg", "pos", "pos", "neg"]}).to_csv(csv)
+    splits = tmp_path / "splits.csv"
+    pd.DataFrame({"patient_id": slide_ids, "fold": 1}).to_csv(splits, index=False)  # all training (val is fold 0)
+    data = TileDataModule(H5Source(scanner_stores, csv), ["neg", "pos"], splits, SCANNER_TILE_PX, "10x",
+                          img_size=IMG_PX, batch_size=4)
+    model = TileClassifier(["neg", "pos"], tile_size=SCANNER_TILE_PX, resolution="10x", img_size=IMG_PX,
+                           model_name="efficientformer_tiny")
+    trainer = L.Trainer(accelerator="cpu", max_steps=1, limit_val_batches=0, logger=False, enable_progress_bar=False,
+                        enable_model_summary=False, enable_checkpointing=False)
+    trainer.fit(model, datamodule=data)
+    trainer.save_checkpoint(tmp_path / "model.ckpt")
+    _, spec = load_checkpoint(tmp_path / "model.ckpt")
+    assert spec.resolution == Resolution(10, "power")
+    assert spec.tile_mpp == pytest.approx(0.995) and spec.tile_mpp_spread == pytest.approx(0.01 / 0.995)
+
+
+def test_stores_beyond_the_mpp_tolerance_stop_training_naming_the_slide(scanner_stores: Path, tmp_path: Path) -> None:
+    slide_ids = ["aperio_a", "aperio_b", "hamamatsu"]  # 1.0, 1.0, 0.9128 µm/px at "10x"
+    csv = tmp_path / "slides.csv"
+    pd.DataFrame({"slide_id": slide_ids, "patient_id": slide_ids, "label": ["neg", "pos", "pos"]}).to_csv(csv)
+    data = TileDataModule(H5Source(scanner_stores, csv), ["neg", "pos"], tmp_path / "splits.csv", SCANNER_TILE_PX,
+                          "10x", img_size=IMG_PX)
+    trainer = L.Trainer(accelerator="cpu", max_steps=1, logger=False, enable_progress_bar=False,
+                        enable_checkpointing=False)
+    with pytest.raises(TilingMismatchError, match=r"hamamatsu.*--mpp"):
+        trainer.fit(_classifier(model_name="efficientformer_tiny", tile_size=SCANNER_TILE_PX), datamodule=data)
+
+
+def test_checkpoint_without_tile_mpp_loads_with_a_warning(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    path = save_checkpoint(tmp_path / "old.ckpt", _classifier().model, _classifier().spec)
+    payload = torch.load(path, weights_only=True)
+    for key in ("tile_mpp", "tile_mpp_spread"):  # as written before the fields existed
+        del payload[SPEC_KEY][key]
+    torch.save(payload, path)
+    with caplog.at_level(logging.WARNING):
+        _, spec = load_checkpoint(path)
+    assert spec.tile_mpp is None and spec.tile_mpp_spread is None
+    assert "old.ckpt" in caplog.text and "µm/px" in caplog.text
