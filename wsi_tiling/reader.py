@@ -188,12 +188,7 @@ class OpenSlideBackend:
     def read_region(self, xy_level0: tuple[int, int], level: int, size_px: tuple[int, int]) -> np.ndarray:
         """See :meth:`SlideReader.read_region`; the private fast read, else the public one (warned once)."""
         if self._tiff is not None and self._tiff.serves(level):
-            downsample = self._slide.level_downsamples[level]
-            xy_level = (round(xy_level0[0] / downsample), round(xy_level0[1] / downsample))
-            try:
-                return self._tiff.read(level, xy_level, size_px)
-            except (ValueError, OSError, RuntimeError) as error:  # tifffile and imagecodecs errors
-                raise SlideReadError(self._path, f"cannot decode level {level} at {xy_level0} ({error})") from error
+            return self._tiff.read_level0(self._path, level, xy_level0, self._slide.level_downsamples[level], size_px)
         try:
             if _PrivateApi.usable:
                 try:

@@ -18,6 +18,8 @@ from pathlib import Path
 import numpy as np
 import tifffile
 
+from .errors import SlideReadError
+
 __all__ = ["TiffTiles", "FAST_VENDORS", "is_rgb"]
 
 FAST_VENDORS = frozenset({"aperio", "generic-tiff"})
@@ -87,6 +89,19 @@ class TiffTiles:
 
     def close(self) -> None:
         self._tiff.close()
+
+    def read_level0(self, path: Path, level: int, xy_level0: tuple[int, int], downsample: float,
+                    size_px: tuple[int, int]) -> np.ndarray:
+        """:meth:`read` at a level-0 position (snapped to the level's pixel grid).
+
+        Raises:
+            SlideReadError: a tile cannot be decoded; the message names ``path``.
+        """
+        xy_level = (round(xy_level0[0] / downsample), round(xy_level0[1] / downsample))
+        try:
+            return self.read(level, xy_level, size_px)
+        except (ValueError, OSError, RuntimeError) as error:  # tifffile and imagecodecs errors
+            raise SlideReadError(path, f"cannot decode level {level} at {xy_level0} ({error})") from error
 
     def read(self, level: int, xy_level: tuple[int, int], size_px: tuple[int, int]) -> np.ndarray:
         """(height, width, 3) uint8 RGB of a level region at level pixel ``xy_level``; outside is white.

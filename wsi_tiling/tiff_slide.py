@@ -16,7 +16,7 @@ from pathlib import Path
 import numpy as np
 import tifffile
 
-from .errors import SlideOpenError, SlideReadError
+from .errors import SlideOpenError
 from .tiff import TiffTiles, is_rgb
 
 __all__ = ["TiffSlide", "is_ome_tiff", "READER_NAME"]
@@ -88,8 +88,9 @@ def _describe(page: tifffile.TiffPage) -> str:
 
 
 class TiffSlide:
-    """An OME-TIFF or plain TIFF slide read with tifffile; the :class:`~wsi_tiling.reader.SlideReader`
-    interface (the reader picks it when OpenSlide refuses a file or would drop its OME metadata).
+    """An OME-TIFF or plain TIFF slide read with tifffile: a :class:`~wsi_tiling.reader.SlideBackend`
+    (:class:`~wsi_tiling.reader.SlideReader` picks it when OpenSlide refuses a file or would drop its
+    OME metadata).
 
     Args:
         path: the TIFF file.
@@ -127,19 +128,9 @@ class TiffSlide:
         self._levels = levels
         self._tiles = TiffTiles(tiff, dict(enumerate(levels)))
 
-    def __enter__(self) -> TiffSlide:
-        return self
-
-    def __exit__(self, *exc_info: object) -> None:
-        self.close()
-
     def close(self) -> None:
         """Releases the file."""
         self._tiles.close()
-
-    @property
-    def path(self) -> Path:
-        return self._path
 
     @property
     def dimensions(self) -> tuple[int, int]:
@@ -177,9 +168,4 @@ class TiffSlide:
         Raises:
             SlideReadError: a tile or strip cannot be decoded.
         """
-        downsample = self.level_downsamples[level]
-        xy_level = (round(xy_level0[0] / downsample), round(xy_level0[1] / downsample))
-        try:
-            return self._tiles.read(level, xy_level, size_px)
-        except (ValueError, OSError, RuntimeError) as error:  # tifffile and imagecodecs errors
-            raise SlideReadError(self._path, f"cannot decode level {level} at {xy_level0} ({error})") from error
+        return self._tiles.read_level0(self._path, level, xy_level0, self.level_downsamples[level], size_px)
