@@ -11,7 +11,7 @@ import tifffile
 from tests.conftest import (STRIPES_MPP, STRIPES_PERIOD_UM, STRIPES_SIZE_PX, STRIPES_TISSUE_UM, inside_tissue_boxes,
                             stripe_period_px)
 
-from wsi_tiling import SlideOpenError, SlideReader, TileReader, read_store_info
+from wsi_tiling import Resolution, SlideOpenError, SlideReader, TileReader, read_store_info, tile_slide
 from wsi_tiling.cli import main as wsi_tile
 from wsi_tiling.synthetic import StripesPainter
 
@@ -119,3 +119,13 @@ def test_missing_size_is_given_with_slide_mpp(tiff_slides: dict[str, Path], tmp_
 def test_non_rgb_tiff_is_refused_naming_it(tiff_slides: dict[str, Path]) -> None:
     with pytest.raises(SlideOpenError, match=r"grey\.ome\.tif: a TIFF of 1 x 16-bit samples \(minisblack\)"):
         SlideReader(tiff_slides["grey"])
+
+
+def test_training_reads_tiff_tiles_lazily_as_the_tiler_stored_them(tiff_slides: dict[str, Path],
+                                                                  tmp_path: Path) -> None:
+    # TileReader without stored pixels opens the slide again: through tifffile, at the recorded level
+    slide = tiff_slides["ome_pyramid"]
+    stored = TileReader(tile_slide(slide, tmp_path / "a", Resolution(10, "power"), 64, save_tiles=True).h5_path)
+    lazy = TileReader(tile_slide(slide, tmp_path / "b", Resolution(10, "power"), 64).h5_path)
+    assert lazy.info.read_level == 1 and not lazy.has_tiles and len(lazy) == len(stored) > 0
+    assert all((lazy[i] == stored[i]).all() for i in range(0, len(lazy), 3))
