@@ -48,8 +48,12 @@ def make_folds(table: pd.DataFrame, *, test_fraction: float = 0.2, val_fraction:
         One row per patient: ``patient_id`` (str), ``fold`` (int, ``TEST_FOLD`` for test).
 
     Raises:
-        SplitError: fewer patients than splits.
+        SplitError: fewer patients than splits, or neither ``n_folds`` nor a positive
+            ``val_fraction`` to size the folds with.
     """
+    if n_folds is None and val_fraction <= 0:
+        raise SplitError(f"val_fraction={val_fraction} leaves no validation patients: give a fraction "
+                         "above 0, or n_folds for cross-validation")
     labelled = table[table["label"] >= 0]
     labels, groups = labelled["label"].to_numpy(), labelled["patient_id"].astype(str).to_numpy()
     n_patients = len(np.unique(groups))

@@ -38,6 +38,11 @@ def test_k_folds_cover_every_non_test_patient_once() -> None:
     assert sorted(folds["fold"].value_counts()) == [4] * 5
 
 
+def test_no_validation_fraction_is_a_split_error_not_a_division_by_zero() -> None:
+    with pytest.raises(SplitError, match="val_fraction=0"):
+        make_folds(_table(), test_fraction=0.2, val_fraction=0.0)
+
+
 def test_split_file_is_reused_not_redrawn(tmp_path: Path) -> None:
     table, path = _table(), tmp_path / "splits.csv"
     first = load_or_make_folds(path, table, seed=0)
