@@ -71,7 +71,6 @@ def test_slide_scores_match_the_known_composition(run) -> None:
 def test_prediction_h5_lines_up_with_the_tile_store(run) -> None:
     with h5py.File(run / "predictions" / "mixed.h5", "r") as file:
         coords, probs = file["coords"][:], file["probs"][:]
-        assert file["embeddings"].shape == (TILES, 448)  # L1's last stage width
         assert json.loads(file["probs"].attrs["class_names"]) == ["pink", "blue"]
         store = TileReader(file["probs"].attrs["tile_store"])
     np.testing.assert_array_equal(coords, store.coords)
@@ -119,31 +118,42 @@ def test_reuses_a_store_with_matching_parameters(two_class_set, tmp_path) -> Non
     assert table["n_tiles"].tolist() == [made.n_tiles] and table["predicted_label"].tolist() == ["pink"]
 
 
-def test_checkpoint_of_another_architecture(two_class_set, tmp_path, capsys) -> None:
-    import torch
-
-    payload = torch.load(two_class_set.checkpoint, weights_only=True)
-    payload["pathology_spec"]["model_name"] = "efficientformer_l3"
-    wrong = tmp_path / "wrong_arch.ckpt"
-    torch.save(payload, wrong)
-    pink = str(two_class_set.slide["pink_1"])
-    assert main([pink, "--checkpoint", str(wrong), "--out", str(tmp_path / "o")]) == 1
-    assert "wrong_arch.ckpt" in capsys.readouterr().err
-
-
 class _Exploit:
     def __reduce__(self):
         return os.system, ("touch pwned",)
 
 
-def test_checkpoint_with_code_is_never_run(two_class_set, tmp_path, capsys, monkeypatch) -> None:
+def _other_architecture(source: Path, path: Path) -> None:
+    import torch
+
+    payload = torch.load(source, weights_only=True)
+    payload["pathology_spec"]["model_name"] = "efficientformer_l3"
+    torch.save(payload, path)
+
+
+BAD_CHECKPOINTS = {
+    "wrong_arch.ckpt": _other_architecture,
+    "evil.ckpt": lambda _, path: path.write_bytes(pickle.dumps({"state_dict": {}, "pathology_spec": _Exploit()},
+                                                               protocol=2)),
+    "notes.txt": lambda _, path: path.write_text("a text file, not a checkpoint\n"),
+    "slides.csv": lambda _, path: path.write_text("slide_path,mpp\na.svs,0.5\n"),
+}
+
+
+@pytest.mark.parametrize("name", sorted(BAD_CHECKPOINTS))
+def test_bad_checkpoint_stops_before_any_slide_with_one_plain_line(name, two_class_set, tmp_path, capsys,
+                                                                   monkeypatch) -> None:
     monkeypatch.chdir(tmp_path)
-    evil = tmp_path / "evil.ckpt"
-    evil.write_bytes(pickle.dumps({"state_dict": {}, "pathology_spec": _Exploit()}, protocol=2))
-    pink = str(two_class_set.slide["pink_1"])
-    assert main([pink, "--checkpoint", str(evil), "--out", str(tmp_path / "o")]) == 1
-    assert "evil.ckpt" in capsys.readouterr().err
-    assert not (tmp_path / "pwned").exists()
+    bad = tmp_path / name
+    BAD_CHECKPOINTS[name](two_class_set.checkpoint, bad)
+    out = tmp_path / "o"
+    assert main([str(two_class_set.slide["pink_1"]), "--checkpoint", str(bad), "--out", str(out)]) == 1
+    captured = capsys.readouterr()
+    lines = captured.err.strip().splitlines()
+    assert len(lines) == 1 and name in lines[0] and lines[0].startswith("pathology infer: ")
+    assert "\x1b" not in captured.err and "weights_only" not in captured.err
+    assert not out.exists()  # no slide was tiled or predicted
+    assert not (tmp_path / "pwned").exists()  # the pickled code never ran
 
 
 def test_two_processes_give_the_same_predictions(run, two_class_set, tmp_path) -> None:
@@ -155,6 +165,7 @@ def test_two_processes_give_the_same_predictions(run, two_class_set, tmp_path) -
     result = subprocess.run(command, capture_output=True, text=True, timeout=170,
                             env={**os.environ, "OMP_NUM_THREADS": "1"})
     assert result.returncode == 0, result.stderr[-2000:]
+    assert "GLOBAL_RANK" not in result.stderr + result.stdout  # no Lightning banners
     for slide in PREDICTED:
         name = f"{slide}.h5"
         with h5py.File(run / "predictions" / name) as one, h5py.File(out / "predictions" / name) as two:
@@ -194,7 +205,8 @@ def test_lightning_checkpoint_of_the_training_module(two_class_set, tmp_path) ->
     from pathology.training.module import TileClassifier
 
     tiny, _ = load_inference_model(two_class_set.checkpoint)
-    module = TileClassifier(["pink", "blue"], tile_size=32, resolution="2.00mpp", img_size=32)
+    module = TileClassifier(["pink", "blue"], tile_size=32, resolution="2.00mpp", model_name="efficientformer_tiny",
+                            mhsa_blocks={32: 1}, img_size=32)
     module.model.load_state_dict(tiny.state_dict())
     trainer = L.Trainer(accelerator="cpu", logger=False, enable_checkpointing=False, enable_model_summary=False)
     trainer.strategy.connect(module)
