@@ -4,6 +4,7 @@ from __future__ import annotations
 import json
 import os
 import pickle
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -214,3 +215,58 @@ def test_lightning_checkpoint_of_the_training_module(two_class_set, tmp_path) ->
     table = infer_slides(tmp_path / "last.ckpt", [two_class_set.slide["mixed"]], tmp_path / "out",
                          aggregations=["vote"], run=SINGLE)
     assert table["vote_blue"].iloc[0] == pytest.approx(MIXED_BLUE)
+
+
+def test_feature_file_reads_the_way_clam_and_trident_read_it(run, two_class_set) -> None:
+    import torch
+
+    from pathology.checkpoint import load_inference_model
+    from pathology.data import eval_transform
+
+    from .conftest import BLUE, PINK, TILE_PX
+
+    path = run / "features" / "mixed.h5"
+    with h5py.File(path, "r") as hdf5_file:  # CLAM's Generic_MIL_Dataset, h5 mode
+        features = hdf5_file["features"][:]
+        coords = hdf5_file["coords"][:]
+        patch_size_level0 = hdf5_file["coords"].attrs["patch_size_level0"]  # TRIDENT's tile footprint
+        patch_size = hdf5_file["coords"].attrs["patch_size"]
+        target_mpp = hdf5_file["coords"].attrs["target_mpp"]
+    features = torch.from_numpy(features)
+    assert features.dtype == torch.float32 and features.shape == (TILES, 128)  # tiny's last stage width
+    assert (patch_size, patch_size_level0, target_mpp) == (32, 128, 2.0)  # 32 px at 2 µm/px over 0.5 µm/px
+    with h5py.File(run / "predictions" / "mixed.h5") as file:
+        np.testing.assert_array_equal(coords, file["coords"][:])
+    # every tile is pure pink or pure blue: its features are the embedding of a plain tile of that colour
+    model, spec = load_inference_model(two_class_set.checkpoint)
+    transform = eval_transform(spec.img_size, spec.mean, spec.std)
+    plain = torch.stack([transform(image=np.full((TILE_PX, TILE_PX, 3), c, np.uint8))["image"] for c in (PINK, BLUE)])
+    with torch.no_grad():
+        pink, blue = model.forward_head(model.forward_features(plain), pre_logits=True)
+    blue_tile = coords[:, 0] == 768  # the mixed slide's last tile column
+    np.testing.assert_allclose(features[blue_tile], blue.expand(int(blue_tile.sum()), -1), atol=1e-4)
+    np.testing.assert_allclose(features[~blue_tile], pink.expand(int((~blue_tile).sum()), -1), atol=1e-4)
+
+
+def test_bad_slides_each_get_one_error_row_and_the_rest_finish(two_class_set, text_as_svs, tmp_path,
+                                                               capsys) -> None:
+    tiles, out = tmp_path / "tiles", tmp_path / "out"
+    store = tile_slide(two_class_set.slide["pink_2"], tiles, Resolution(2.0, "mpp"), 32).h5_path
+    store.write_bytes(store.read_bytes()[: store.stat().st_size // 2])  # truncated, as by a crash while copying
+    listing = tmp_path / "list.csv"
+    listing.write_text(f"slide_path,slide_id\n{two_class_set.slide['pink_1']},\n,empty\n")
+    code = main([str(listing), str(text_as_svs), str(two_class_set.slide["coarse"]), str(tmp_path / "gone.svs"),
+                 str(two_class_set.slide["pink_2"]), "--checkpoint", str(two_class_set.checkpoint), "--out", str(out),
+                 "--tiles-dir", str(tiles), "--accelerator", "cpu", "--batch-size", "32", "--num-workers", "0"])
+    assert code == 1
+    table = pd.read_csv(out / "slides.csv", keep_default_na=False).set_index("slide_id")
+    assert table.loc[["pink_1", "pink_2"], "status"].eq("ok").all()
+    assert table.loc["pink_2", "n_tiles"] == TILES and len(TileReader(store)) == TILES  # re-tiled, not trusted
+    names = {"list": "list.csv", "notes": "notes.svs", "coarse": "coarse.svs", "gone": "gone.svs"}
+    errors = table[table["status"] == "error"]
+    assert sorted(errors.index) == sorted(names)
+    for slide_id, file_name in names.items():
+        assert file_name in errors.loc[slide_id, "error"] and "\n" not in errors.loc[slide_id, "error"]
+    assert "line 3: empty slide_path" in errors.loc["list", "error"]
+    printed = [line for line in re.split(r"[\r\n]", capsys.readouterr().err) if line and "slides:" not in line]
+    assert sorted(printed) == sorted(f"{i}: error: {errors.loc[i, 'error']}" for i in names)  # besides the bar
