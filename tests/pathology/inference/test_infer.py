@@ -270,3 +270,23 @@ def test_bad_slides_each_get_one_error_row_and_the_rest_finish(two_class_set, te
     assert "line 3: empty slide_path" in errors.loc["list", "error"]
     printed = [line for line in re.split(r"[\r\n]", capsys.readouterr().err) if line and "slides:" not in line]
     assert sorted(printed) == sorted(f"{i}: error: {errors.loc[i, 'error']}" for i in names)  # besides the bar
+
+
+def test_shards_split_the_slides_and_an_unsharded_rerun_assembles_them(two_class_set, tmp_path) -> None:
+    out = tmp_path / "out"
+    slides = [str(two_class_set.slide[s]) for s in ("blue_1", "mixed", "pink_1")]
+    common = ["--checkpoint", str(two_class_set.checkpoint), "--out", str(out), "--accelerator", "cpu",
+              "--aggregation", "mean", "--num-workers", "0"]
+    for index in (0, 1):
+        assert main([*slides, *common, "--shard", f"{index}/2"]) == 0
+    # every 2nd slide in slide-id order: shard 0 has the 1st and 3rd, shard 1 the 2nd
+    shard0 = pd.read_csv(out / "slides_shard0of2.csv")
+    shard1 = pd.read_csv(out / "slides_shard1of2.csv")
+    assert shard0["slide_id"].tolist() == ["blue_1", "pink_1"] and shard1["slide_id"].tolist() == ["mixed"]
+    assert not (out / "slides.csv").exists()
+    written = {p.name: p.stat().st_mtime_ns for p in (out / "predictions").glob("*.h5")}
+    assert main([*slides, *common]) == 0
+    assert {p.name: p.stat().st_mtime_ns for p in (out / "predictions").glob("*.h5")} == written  # all skipped
+    table = pd.read_csv(out / "slides.csv")
+    assert table["slide_id"].tolist() == ["blue_1", "mixed", "pink_1"] and table["status"].eq("ok").all()
+    assert table["mean_blue"].tolist() == pytest.approx([1, MIXED_BLUE, 0], abs=1e-6)
