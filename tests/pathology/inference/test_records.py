@@ -46,14 +46,14 @@ def reference(two_class_set, tmp_path_factory) -> Path:
     return out
 
 
-def _fail_on_call(monkeypatch, owner, name: str, call: int) -> None:
-    """Makes ``owner.name`` raise :class:`Crash` on its ``call``-th call (1-based)."""
+def _fail_on_call(monkeypatch, owner, name: str, call: int, error: type[BaseException] = Crash) -> None:
+    """Makes ``owner.name`` raise ``error`` on its ``call``-th call (1-based)."""
     original, calls = getattr(owner, name), []
 
     def failing(*args, **kwargs):
         calls.append(1)
         if len(calls) == call:
-            raise Crash(name)
+            raise error(name)
         return original(*args, **kwargs)
 
     monkeypatch.setattr(owner, name, failing)
@@ -125,3 +125,15 @@ def test_run_key_follows_weights_spec_settings_and_slide(two_class_set, tmp_path
     copy = tmp_path / slide.name
     copy.write_bytes(slide.read_bytes() + b"\0")  # same name, other content
     assert run_key(base, {"min_tissue": 0.5}, copy, None) != key
+
+
+
+def test_ctrl_c_still_writes_the_tables_with_unfinished_slides_pending(two_class_set, tmp_path,
+                                                                       monkeypatch) -> None:
+    out = tmp_path / "out"
+    _fail_on_call(monkeypatch, infer, "write_record", 2, KeyboardInterrupt)
+    with pytest.raises(KeyboardInterrupt):
+        _run(two_class_set, out)
+    table = pd.read_csv(out / "slides.csv")
+    assert table["status"].tolist() == ["ok", "pending", "pending"]
+    assert table["mean_blue"].iloc[0] == pytest.approx(1, abs=1e-6)  # blue_1 finished
