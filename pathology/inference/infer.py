@@ -115,14 +115,14 @@ def _write_slide(slide: TiledSlide, probs: np.ndarray, embeddings: np.ndarray | 
                  record: SlideRecord) -> None:
     """Writes the slide's files and fills its scores and file list (a picture failure is noted)."""
     out, job = setup.out_dir, slide.job
-    reader = TileReader(slide.h5_path, job.slide_path)
-    files = [write_slide_predictions(out / PREDICTIONS_DIR / f"{job.slide_id}.h5", reader, probs, setup.spec)]
-    if embeddings is not None:
-        files.append(write_features(out / FEATURES_DIR / f"{job.slide_id}.h5", reader, embeddings, setup.spec))
-    try:
-        files += write_extras(out, job, reader, probs, setup.spec, setup.extras)
-    except WsiTilingError as error:
-        record.error = f"pictures not written: {str(error).splitlines()[0]}"
+    with TileReader(slide.h5_path, job.slide_path) as reader:
+        files = [write_slide_predictions(out / PREDICTIONS_DIR / f"{job.slide_id}.h5", reader, probs, setup.spec)]
+        if embeddings is not None:
+            files.append(write_features(out / FEATURES_DIR / f"{job.slide_id}.h5", reader, embeddings, setup.spec))
+        try:
+            files += write_extras(out, job, reader, probs, setup.spec, setup.extras)
+        except WsiTilingError as error:
+            record.error = f"pictures not written: {str(error).splitlines()[0]}"
     record.scores = _scores_row(probs, setup.spec, setup.aggregations, setup.calibration)
     record.files = [str(path.relative_to(out)) for path in files]
 
