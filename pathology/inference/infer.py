@@ -155,8 +155,8 @@ def _predict_share(jobs: Sequence[SlideJob], keys: dict[str, str], setup: _Setup
     start, n_tiles = time.perf_counter(), 0
     tile = partial(tile_for_model, spec=setup.spec, **tiling)
     dataset = partial(slide_dataset, spec=setup.spec)
-    with (tqdm(total=len(jobs), initial=counts["skipped"], desc="slides", unit="slide", disable=not progress) as bar, logging_redirect_tqdm(),
-          SlideStream(todo, tile, dataset, run.batch_size, run.num_workers) as stream):
+    bar = tqdm(total=len(jobs), initial=counts["skipped"], desc="slides", unit="slide", disable=not progress)
+    with bar, logging_redirect_tqdm(), SlideStream(todo, tile, dataset, run.batch_size, run.num_workers) as stream:
         for slide, images in stream:
             record = _predict_slide(slide, images, setup, keys[slide.job.slide_id])
             write_record(setup.out_dir, record)
@@ -299,7 +299,8 @@ def _parser() -> argparse.ArgumentParser:
     run.add_argument("-v", "--verbose", action="store_true", help="a log line per slide")
     extra = parser.add_argument_group("outputs")
     extra.add_argument("--embeddings", action="store_true",
-                       help="features/<slide_id>.h5 per slide: tile embeddings and coords, as CLAM and TRIDENT read them")
+                       help="features/<slide_id>.h5 per slide: tile embeddings and coords as CLAM and TRIDENT "
+                            "read them")
     extra.add_argument("--heatmaps", action="store_true", help="heatmap PNG per slide and class")
     extra.add_argument("--geojson", action="store_true", help="QuPath GeoJSON of tiles per slide")
     extra.add_argument("--gallery", type=int, default=0, metavar="K", help="gallery PNG of the top-K tiles per class")
