@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import logging
 import pickle
+import re
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -28,6 +29,7 @@ SPEC_KEY = "pathology_spec"
 STATE_PREFIX = "model."
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
+ANSI_ESCAPE = re.compile(r"\x1b\[[0-9;]*[A-Za-z]")  # terminal colour codes in torch's messages
 
 log = logging.getLogger(__name__)
 
@@ -124,13 +126,18 @@ def read_torch_file(path: str | Path, what: str) -> Any:
         raise CheckpointError(f"{path}: {what} not found")
     try:
         return torch.load(path, map_location="cpu", weights_only=True)
-    except (pickle.UnpicklingError, RuntimeError, EOFError, OSError) as err:
+    except pickle.UnpicklingError as err:  # torch's message advises weights_only=False: never repeat it
+        raise CheckpointError(f"{path}: not a loadable {what}: it holds pickled objects other than tensors "
+                              "and plain values (e.g. code), which are never unpickled") from err
+    except (RuntimeError, EOFError, OSError) as err:
         raise CheckpointError(f"{path}: not a loadable {what} ({first_line(err)})") from err
+    except (KeyError, IndexError, ValueError) as err:  # what a text file or a CSV gives
+        raise CheckpointError(f"{path}: not a {what}: not a file written by torch.save") from err
 
 
 def first_line(err: BaseException) -> str:
     """The first line of ``err``'s message, or its type name when the message is empty."""
-    text = str(err).strip()
+    text = ANSI_ESCAPE.sub("", str(err)).strip()
     return text.splitlines()[0] if text else type(err).__name__
 
 

@@ -57,15 +57,18 @@ def _scan_folder(folder: Path) -> list[SlideJob]:
     return [SlideJob(p, default_slide_id(p)) for p in found]
 
 
-def _read_csv(path: Path) -> list[SlideJob]:
+def _read_csv(path: Path) -> list[SlideJob | InputProblem]:
     """Rows of a CSV with ``slide_path`` and optional ``slide_id`` and ``mpp``; relative paths
-    are taken relative to the CSV's folder."""
+    are taken relative to the CSV's folder. A row with an empty path is a problem of its own."""
     with path.open(newline="") as file:
         rows = list(csv.DictReader(file))
     if not rows or "slide_path" not in rows[0]:
         raise ValueError("has no 'slide_path' column")
-    jobs = []
+    jobs: list[SlideJob | InputProblem] = []
     for number, row in enumerate(rows, start=2):
+        if not (row["slide_path"] or "").strip():
+            jobs.append(InputProblem(path, f"{path}: line {number}: empty slide_path"))
+            continue
         slide = path.parent / row["slide_path"].strip()
         mpp_text = (row.get("mpp") or "").strip()
         mpp = float(mpp_text) if mpp_text else None
@@ -75,7 +78,7 @@ def _read_csv(path: Path) -> list[SlideJob]:
     return jobs
 
 
-def _expand(path: Path) -> list[SlideJob]:
+def _expand(path: Path) -> list[SlideJob | InputProblem]:
     if path.suffix.lower() == CSV_SUFFIX and path.is_file():
         return _read_csv(path)
     if path.is_dir():
@@ -104,7 +107,9 @@ def collect_slides(inputs: Iterable[str | Path]) -> tuple[list[SlideJob], list[I
             problems.append(InputProblem(path, f"{path}: {error}"))
             continue
         for job in expanded:
-            if job.slide_id in jobs:
+            if isinstance(job, InputProblem):
+                problems.append(job)
+            elif job.slide_id in jobs:
                 problems.append(InputProblem(job.slide_path, f"{job.slide_path}: slide id {job.slide_id!r} "
                                              f"already used by {jobs[job.slide_id].slide_path}; give unique "
                                              "slide_id values in a CSV"))

@@ -1,113 +1,73 @@
-"""``pathology infer``: tile slides, predict every tile, aggregate into slide predictions.
+"""``pathology infer``: slides in, one slide at a time: tile, predict, write its files, next.
 
-slides → ``wsi_tiling.tile_slide`` at the checkpoint's resolution and tile size (a store with
-the same parameters is reused) → one DataLoader over every tile, workers reading and
-normalising while the model computes → Lightning predict on one or many devices → per slide an
-h5 of tile probabilities, aggregations, a calibrated label, and pictures on request. A slide
-that fails (missing, unreadable, no resolution) gets a status and its reason in ``slides.csv``;
-the others finish. The files written are described in :mod:`pathology.inference.results`.
+slides → ``wsi_tiling.tile_slide`` at the checkpoint's resolution and tile size (a matching,
+readable store is reused) in a producer thread one slide ahead (:mod:`.stream`) → the model on
+each batch (:mod:`.predict`) → the slide's files, written atomically: tile probabilities, features
+(``--embeddings``), pictures on request, and last its record (:mod:`.records`). A rerun skips the
+slides whose record matches the checkpoint and settings. Slides are shared among DDP ranks and
+``--shard`` jobs; ``slides.csv`` and ``summary.json`` are assembled from the records at the end
+(by rank 0) and when the run is interrupted. A slide that fails (missing, unreadable, no
+resolution) gets status ``error`` and its reason; the others finish. The files written are
+described in :mod:`pathology.inference.results`.
 """
 from __future__ import annotations
 
 import argparse
-import json
 import logging
 import sys
 import time
-from collections.abc import Sequence
-from dataclasses import asdict, dataclass, field, replace
+from collections import Counter
+from collections.abc import Iterator, Sequence
+from dataclasses import asdict, dataclass, replace
+from functools import partial
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import pandas as pd
+import torch
 from tqdm import tqdm
+from tqdm.contrib.logging import logging_redirect_tqdm
 
 from pathology.checkpoint import CheckpointError, ModelSpec, load_inference_model
-from pathology.data import TileDataset, eval_transform
 from pathology.inference.aggregate import DEFAULT_AGGREGATIONS, Aggregation, aggregate_all, parse_aggregation
 from pathology.inference.calibrate import Calibration, calibration_path, decide, temper
-from pathology.inference.outputs import Extras, write_extras, write_slide_predictions
-from pathology.inference.predict import RunOptions, TilePredictions, predict_tiles
+from pathology.inference.outputs import FEATURES_DIR, Extras, write_extras, write_features, write_slide_predictions
+from pathology.inference.predict import Predictor, RunOptions, make_predictor, start_devices
+from pathology.inference.records import SlideRecord, finished, read_record, run_key, weights_hash, write_record
 from pathology.inference.results import (
     CALIBRATED,
     PREDICTIONS_DIR,
+    STATUS_ERROR,
     STATUS_OK,
+    STATUS_PENDING,
     InferenceError,
     score_column,
     write_run,
 )
-from pathology.models.optimize import optimize_for_inference
-from wsi_tiling import TileReader, WsiTilingError, read_attrs, store_path, tile_slide
-from wsi_tiling.inputs import SlideJob, collect_slides
+from pathology.inference.stream import SlideStream, TiledSlide, slide_dataset, tile_for_model
+from wsi_tiling import TileReader, WsiTilingError
+from wsi_tiling.inputs import InputProblem, SlideJob, collect_slides, parse_shard, shard
 
 __all__ = ["Extras", "RunOptions", "infer_slides", "main"]
 
 log = logging.getLogger(__name__)
 
-STATUS_ERROR = "error"
-STATUS_NO_TISSUE = "no-tissue"
-OVERLAP_PX = 0  # the model was trained on non-overlapping tiles
+FIRST_COLUMNS = ["slide_id", "slide_path", "status", "n_tiles"]
+LAST_COLUMNS = ["error", "seconds"]
+QUIET_LOGGERS = ("lightning.fabric", "lightning.pytorch")  # rank banners and tips
 
 
-@dataclass
-class _Slide:
-    """One slide's progress through the run."""
+@dataclass(frozen=True)
+class _Setup:
+    """What every slide of a run shares."""
 
-    job: SlideJob
-    status: str = STATUS_OK
-    error: str = ""
-    h5_path: Path | None = None
-    n_tiles: int = 0
-    seconds: float = 0.0
-    row: dict[str, Any] = field(default_factory=dict)
-
-
-def _reusable_store(job: SlideJob, h5_path: Path, spec: ModelSpec) -> int | None:
-    """Tile count of an existing store cut from this slide at the model's resolution, else None.
-
-    Tissue threshold and stored pixels may differ (e.g. a store written by ``wsi-tile
-    --save-tiles``): they change which tiles exist, not what a tile looks like.
-    """
-    if not h5_path.is_file():
-        return None
-    try:
-        attrs = read_attrs(h5_path)
-        params = json.loads(attrs["params"])
-        same = (params["resolution"] == str(spec.resolution) and params["tile_size"] == spec.tile_size
-                and params["slide_mpp"] == job.mpp and not params["allow_upsample"]
-                and Path(attrs["slide_path"]).name == job.slide_path.resolve().name)
-        return len(TileReader(h5_path)) if same else None
-    except (OSError, KeyError, ValueError):
-        return None
-
-
-def _tile(slide: _Slide, spec: ModelSpec, tiles_dir: Path, min_tissue: float) -> None:
-    """Finds or makes the slide's tile store; records a status instead of raising."""
-    start = time.perf_counter()
-    job = slide.job
-    h5_path = store_path(tiles_dir, spec.resolution, spec.tile_size, OVERLAP_PX, job.slide_id)
-    try:
-        n_tiles = _reusable_store(job, h5_path, spec)
-        if n_tiles is None:
-            result = tile_slide(job.slide_path, tiles_dir, spec.resolution, spec.tile_size, overlap=OVERLAP_PX,
-                                min_tissue=min_tissue, slide_mpp=job.mpp, slide_id=job.slide_id, resume=True)
-            h5_path, n_tiles = result.h5_path, result.n_tiles
-    except WsiTilingError as error:
-        slide.status, slide.error = STATUS_ERROR, str(error)
-        log.error("%s", error)
-    else:
-        slide.h5_path, slide.n_tiles = h5_path, n_tiles
-        slide.status = STATUS_OK if n_tiles else STATUS_NO_TISSUE
-    slide.seconds = time.perf_counter() - start
-
-
-def _tile_table(slides: Sequence[_Slide]) -> pd.DataFrame:
-    """The tile table (:mod:`pathology.data.sources`) of every slide with tiles, in slide order."""
-    parts = [pd.DataFrame({"path": str(s.h5_path), "tile_index": np.arange(s.n_tiles),
-                           "slide_path": str(s.job.slide_path), "label": -1})
-             for s in slides if s.status == STATUS_OK]
-    return pd.concat(parts, ignore_index=True)
+    out_dir: Path
+    spec: ModelSpec
+    aggregations: tuple[Aggregation, ...]
+    calibration: Calibration | None
+    extras: Extras
+    predictor: Predictor
 
 
 def _scores_row(probs: np.ndarray, spec: ModelSpec, aggregations: Sequence[Aggregation],
@@ -144,58 +104,114 @@ def _load_calibration(calibration: str | Path | None, checkpoint: Path, spec: Mo
     return loaded, aggregations + ([needed] if needed not in aggregations else [])
 
 
-def _summary(checkpoint: Path, spec: ModelSpec, aggregations: Sequence[Aggregation],
-             calibration: Calibration | None, slides: Sequence[_Slide], timing: dict[str, float]) -> dict[str, Any]:
-    statuses = [s.status for s in slides]
-    n_tiles = sum(s.n_tiles for s in slides if s.status == STATUS_OK)
+def _settings(aggregations: Sequence[Aggregation], calibration: Calibration | None, min_tissue: float,
+              extras: Extras, precision: str) -> dict[str, Any]:
+    """The run settings that change a slide's numbers or files (hashed into the run key)."""
+    return {"aggregations": [str(a) for a in aggregations], "min_tissue": min_tissue, "extras": asdict(extras),
+            "calibration": None if calibration is None else asdict(calibration), "precision": precision}
+
+
+def _write_slide(slide: TiledSlide, probs: np.ndarray, embeddings: np.ndarray | None, setup: _Setup,
+                 record: SlideRecord) -> None:
+    """Writes the slide's files and fills its scores and file list (a picture failure is noted)."""
+    out, job = setup.out_dir, slide.job
+    with TileReader(slide.h5_path, job.slide_path) as reader:
+        files = [write_slide_predictions(out / PREDICTIONS_DIR / f"{job.slide_id}.h5", reader, probs, setup.spec)]
+        if embeddings is not None:
+            files.append(write_features(out / FEATURES_DIR / f"{job.slide_id}.h5", reader, embeddings, setup.spec))
+        try:
+            files += write_extras(out, job, reader, probs, setup.spec, setup.extras)
+        except WsiTilingError as error:
+            record.error = f"pictures not written: {str(error).splitlines()[0]}"
+    record.scores = _scores_row(probs, setup.spec, setup.aggregations, setup.calibration)
+    record.files = [str(path.relative_to(out)) for path in files]
+
+
+def _predict_slide(slide: TiledSlide, images: Iterator[torch.Tensor], setup: _Setup, key: str) -> SlideRecord:
+    """Predicts one slide's batches and writes its files; returns its record (not yet written)."""
+    start = time.perf_counter()
+    probs, embeddings = [], []
+    for batch in images:
+        batch_probs, batch_embeddings = setup.predictor.predict(batch)
+        probs.append(batch_probs)
+        if batch_embeddings is not None:
+            embeddings.append(batch_embeddings)
+    job = slide.job
+    record = SlideRecord(job.slide_id, str(job.slide_path), slide.status, slide.n_tiles, error=slide.error, key=key)
+    if slide.status == STATUS_OK:
+        _write_slide(slide, np.concatenate(probs), np.concatenate(embeddings) if embeddings else None, setup, record)
+    record.seconds = slide.seconds + time.perf_counter() - start
+    return record
+
+
+def _predict_share(jobs: Sequence[SlideJob], keys: dict[str, str], setup: _Setup, tiling: dict[str, Any],
+                   run: RunOptions, progress: bool) -> int:
+    """Predicts this process's slides in order, skipping finished ones; returns the tiles predicted.
+
+    Each slide's record is written after its files, before the next slide is predicted.
+    """
+    todo = [job for job in jobs if finished(setup.out_dir, job.slide_id, keys[job.slide_id]) is None]
+    counts = Counter({"done": 0, "skipped": len(jobs) - len(todo), "failed": 0})
+    start, n_tiles = time.perf_counter(), 0
+    tile = partial(tile_for_model, spec=setup.spec, **tiling)
+    dataset = partial(slide_dataset, spec=setup.spec)
+    bar = tqdm(total=len(jobs), initial=counts["skipped"], desc="slides", unit="slide", disable=not progress)
+    with bar, logging_redirect_tqdm(), SlideStream(todo, tile, dataset, run.batch_size, run.num_workers) as stream:
+        for slide, images in stream:
+            record = _predict_slide(slide, images, setup, keys[slide.job.slide_id])
+            write_record(setup.out_dir, record)
+            counts["failed" if record.status == STATUS_ERROR else "done"] += 1
+            n_tiles += record.n_tiles if record.status == STATUS_OK else 0
+            rate = n_tiles / (time.perf_counter() - start)
+            bar.set_postfix(counts, tiles_per_s=f"{rate:.1f}", refresh=False)
+            bar.update()
+            log.info("%s: %s, %d tiles, %.1f s%s", record.slide_id, record.status, record.n_tiles, record.seconds,
+                     f" ({record.error})" if record.error else "")
+    return n_tiles
+
+
+def _table(jobs: Sequence[SlideJob], keys: dict[str, str], problems: Sequence[InputProblem],
+           out_dir: Path) -> pd.DataFrame:
+    """``slides.csv`` from the records: a slide without a current record is ``pending``."""
+    records = []
+    for job in jobs:
+        record = read_record(out_dir, job.slide_id)
+        if record is None or record.key != keys[job.slide_id]:
+            record = SlideRecord(job.slide_id, str(job.slide_path), STATUS_PENDING)
+        records.append(record)
+    records += [SlideRecord(p.path.stem, str(p.path), STATUS_ERROR, error=p.message) for p in problems]
+    table = pd.DataFrame([r.row() for r in sorted(records, key=lambda r: r.slide_id)])
+    middle = [c for c in table.columns if c not in FIRST_COLUMNS + LAST_COLUMNS]
+    return table[FIRST_COLUMNS + middle + LAST_COLUMNS]
+
+
+def _summary(checkpoint: Path, checkpoint_hash: str, setup: _Setup, table: pd.DataFrame, n_tiles: int,
+             seconds: float) -> dict[str, Any]:
+    spec, calibration, aggregations = setup.spec, setup.calibration, setup.aggregations
+    errors = table[table["error"].fillna("") != ""]
     return {
-        "checkpoint": str(checkpoint), "model_name": spec.model_name, "mhsa_blocks": spec.mhsa_blocks,
-        "class_names": list(spec.class_names), "resolution": str(spec.resolution), "tile_size": spec.tile_size,
-        "img_size": spec.img_size, "aggregations": [str(a) for a in aggregations],
+        "checkpoint": str(checkpoint), "checkpoint_hash": checkpoint_hash, "model_name": spec.model_name,
+        "mhsa_blocks": spec.mhsa_blocks, "class_names": list(spec.class_names), "resolution": str(spec.resolution),
+        "tile_size": spec.tile_size, "img_size": spec.img_size, "aggregations": [str(a) for a in aggregations],
         "label_aggregation": str(aggregations[0]) if calibration is None else CALIBRATED,
         "calibration": None if calibration is None else asdict(calibration),
-        "counts": {status: statuses.count(status) for status in sorted(set(statuses))},
-        "n_tiles": n_tiles, "seconds": timing,
-        "tiles_per_second": n_tiles / timing["predict"] if timing.get("predict") else None,
-        "errors": [{"slide_id": s.job.slide_id, "error": s.error} for s in slides if s.error],
+        "counts": {str(k): int(v) for k, v in table["status"].value_counts().sort_index().items()},
+        "n_tiles": int(table.loc[table["status"] == STATUS_OK, "n_tiles"].sum()),
+        "seconds": round(seconds, 3), "tiles_predicted": n_tiles,
+        "tiles_per_second": n_tiles / seconds if n_tiles else None,
+        "errors": [{"slide_id": r.slide_id, "error": r.error} for r in errors.itertuples()],
     }
-
-
-def _rows(slides: Sequence[_Slide]) -> pd.DataFrame:
-    return pd.DataFrame([{"slide_id": s.job.slide_id, "slide_path": str(s.job.slide_path), "status": s.status,
-                          "n_tiles": s.n_tiles, **s.row, "error": s.error, "seconds": round(s.seconds, 3)}
-                         for s in slides])
-
-
-def _finish(slides: Sequence[_Slide], predictions: TilePredictions, spec: ModelSpec, out_dir: Path,
-            aggregations: Sequence[Aggregation], calibration: Calibration | None, extras: Extras,
-            progress_bar: bool) -> None:
-    """Writes each slide's tile predictions and pictures and fills its row of ``slides.csv``."""
-    offset = 0
-    done = [s for s in slides if s.status == STATUS_OK]
-    for slide in tqdm(done, desc="slides", unit="slide", disable=not progress_bar):
-        rows = slice(offset, offset + slide.n_tiles)
-        offset += slide.n_tiles
-        probs = predictions.probs[rows]
-        embeddings = None if predictions.embeddings is None else predictions.embeddings[rows]
-        start = time.perf_counter()
-        reader = TileReader(slide.h5_path, slide.job.slide_path)
-        write_slide_predictions(out_dir / PREDICTIONS_DIR / f"{slide.job.slide_id}.h5", reader, probs,
-                                embeddings, spec)
-        slide.row = _scores_row(probs, spec, aggregations, calibration)
-        try:
-            write_extras(out_dir, slide.job, reader, probs, spec, extras)
-        except WsiTilingError as error:
-            slide.error = f"pictures not written: {error}"
-        slide.seconds += time.perf_counter() - start
 
 
 def infer_slides(checkpoint: str | Path, slides: Sequence[str | Path], out_dir: str | Path, *,
                  aggregations: Sequence[str] = DEFAULT_AGGREGATIONS, tiles_dir: str | Path | None = None,
                  min_tissue: float = 0.5, slide_mpp: float | None = None,
-                 calibration: str | Path | None = "auto",
-                 run: RunOptions = RunOptions(), extras: Extras = Extras()) -> pd.DataFrame | None:
-    """Predicts slides with a trained tile classifier and writes the run folder.
+                 calibration: str | Path | None = "auto", run: RunOptions = RunOptions(),
+                 extras: Extras = Extras(), shard_spec: tuple[int, int] | None = None) -> pd.DataFrame | None:
+    """Predicts slides with a trained tile classifier, one at a time, and writes the run folder.
+
+    Rerunning into the same ``out_dir`` skips the slides already finished with the same
+    checkpoint and settings (see :mod:`pathology.inference.records`).
 
     Args:
         checkpoint: a checkpoint written by training (or :func:`pathology.checkpoint.save_checkpoint`).
@@ -209,40 +225,49 @@ def infer_slides(checkpoint: str | Path, slides: Sequence[str | Path], out_dir: 
             (for slides whose metadata lacks it).
         calibration: a calibration JSON, ``auto`` (the checkpoint's ``.calibration.json`` if
             present) or None (argmax of the first aggregation).
-        run: devices, batch size, workers, precision.
-        extras: embeddings, heatmaps, GeoJSON, galleries.
+        run: devices, batch size, reader processes, precision, progress bar.
+        extras: features, heatmaps, GeoJSON, galleries.
+        shard_spec: (I, N): predict only shard I of N of the slides (every N-th in slide-id
+            order); the tables are then ``slides_shard<I>of<N>.csv`` and ``summary_shard<I>of<N>.json``.
 
     Returns:
         One row per slide, as written to ``slides.csv``; None on DDP ranks other than 0.
 
     Raises:
-        CheckpointError: the checkpoint is missing, unsafe, or for another architecture.
+        CheckpointError: the checkpoint is missing, not a checkpoint, unsafe, or for another architecture.
         InferenceError: bad calibration file.
         ValueError: an unknown aggregation.
     """
+    start = time.perf_counter()
     checkpoint, out_dir = Path(checkpoint), Path(out_dir)
     methods = [parse_aggregation(a) for a in aggregations]
     model, spec = load_inference_model(checkpoint)
     loaded, methods = _load_calibration(calibration, checkpoint, spec, methods)
+    checkpoint_hash = weights_hash(model.state_dict(), spec.to_dict())
     jobs, problems = collect_slides(slides)
-    todo = [_Slide(replace(job, mpp=job.mpp or slide_mpp)) for job in jobs]
-    failed = [_Slide(SlideJob(p.path, p.path.stem), STATUS_ERROR, p.message) for p in problems]
-    start = time.perf_counter()
-    for slide in tqdm(todo, desc="tiling", unit="slide", disable=not run.progress_bar):
-        _tile(slide, spec, Path(tiles_dir) if tiles_dir else out_dir / "tiles", min_tissue)
-    timing = {"tiling": time.perf_counter() - start}
-    if any(s.status == STATUS_OK for s in todo):
-        dataset = TileDataset(_tile_table(todo), eval_transform(spec.img_size, spec.mean, spec.std))
-        start = time.perf_counter()
-        predictions = predict_tiles(optimize_for_inference(model), dataset, out_dir / ".shards", run,
-                                    extras.embeddings)
-        timing["predict"] = time.perf_counter() - start
-        if predictions is None:  # a DDP rank other than 0: rank 0 writes the results
-            return None
-        _finish(todo, predictions, spec, out_dir, methods, loaded, extras, run.progress_bar)
-    every = sorted(todo + failed, key=lambda s: s.job.slide_id)
-    table = _rows(every)
-    write_run(out_dir, table, _summary(checkpoint, spec, methods, loaded, every, timing))
+    jobs = [replace(job, mpp=job.mpp or slide_mpp) for job in jobs]
+    if shard_spec is not None:
+        jobs = shard(jobs, *shard_spec)
+    settings = _settings(methods, loaded, min_tissue, extras, run.precision)
+    keys = {job.slide_id: run_key(checkpoint_hash, settings, job.slide_path, job.mpp) for job in jobs}
+    fabric = start_devices(run)
+    setup = _Setup(out_dir, spec, tuple(methods), loaded, extras, make_predictor(model, fabric, extras.embeddings))
+    tiling = {"tiles_dir": Path(tiles_dir) if tiles_dir else out_dir / "tiles", "min_tissue": min_tissue}
+    share = jobs[fabric.global_rank::fabric.world_size]
+    try:
+        n_tiles = _predict_share(share, keys, setup, tiling, run, run.progress_bar and fabric.global_rank == 0)
+    except KeyboardInterrupt:  # a clean stop: the tables show what is finished
+        if fabric.world_size == 1:
+            table = _table(jobs, keys, problems, out_dir)
+            write_run(out_dir, table, _summary(checkpoint, checkpoint_hash, setup, table, 0,
+                                               time.perf_counter() - start), shard_spec)
+        raise
+    n_tiles = int(fabric.all_reduce(torch.tensor(n_tiles, device=fabric.device), reduce_op="sum"))  # waits for all
+    if fabric.global_rank != 0:
+        return None
+    table = _table(jobs, keys, problems, out_dir)
+    write_run(out_dir, table, _summary(checkpoint, checkpoint_hash, setup, table, n_tiles,
+                                       time.perf_counter() - start), shard_spec)
     return table
 
 
@@ -262,24 +287,34 @@ def _parser() -> argparse.ArgumentParser:
                         help="calibration JSON, 'auto' (next to the checkpoint) or 'none'")
     run = parser.add_argument_group("devices")
     run.add_argument("--batch-size", type=int, default=RunOptions.batch_size)
-    run.add_argument("--num-workers", type=int, default=RunOptions.num_workers)
+    run.add_argument("--num-workers", type=int, default=RunOptions.num_workers,
+                     help="processes reading tiles while the model computes (0: a thread)")
     run.add_argument("--accelerator", default=RunOptions.accelerator)
     run.add_argument("--devices", default=RunOptions.devices, help="number of devices, or 'auto'")
     run.add_argument("--num-nodes", type=int, default=RunOptions.num_nodes)
     run.add_argument("--strategy", default=RunOptions.strategy, help="e.g. ddp")
     run.add_argument("--precision", default=RunOptions.precision, help="e.g. bf16-mixed on GPUs")
+    run.add_argument("--shard", type=parse_shard, metavar="I/N",
+                     help="predict only shard I of N (0 <= I < N) of the slides, e.g. for job arrays")
+    run.add_argument("-v", "--verbose", action="store_true", help="a log line per slide")
     extra = parser.add_argument_group("outputs")
-    extra.add_argument("--embeddings", action="store_true", help="store tile embeddings in the h5 files")
+    extra.add_argument("--embeddings", action="store_true",
+                       help="features/<slide_id>.h5 per slide: tile embeddings and coords as CLAM and TRIDENT "
+                            "read them")
     extra.add_argument("--heatmaps", action="store_true", help="heatmap PNG per slide and class")
     extra.add_argument("--geojson", action="store_true", help="QuPath GeoJSON of tiles per slide")
     extra.add_argument("--gallery", type=int, default=0, metavar="K", help="gallery PNG of the top-K tiles per class")
     return parser
 
 
+
 def main(argv: list[str]) -> int:
     """Runs ``pathology infer``; returns 0 when every slide was predicted or had no tissue, else 1."""
     args = _parser().parse_args(argv)
-    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING,
+                        format="%(levelname)s %(name)s: %(message)s")
+    for name in QUIET_LOGGERS:
+        logging.getLogger(name).setLevel(logging.WARNING)
     devices = int(args.devices) if str(args.devices).isdigit() else args.devices
     run = RunOptions(args.batch_size, args.num_workers, args.accelerator, devices, args.strategy,
                      args.precision, args.num_nodes)
@@ -290,15 +325,14 @@ def main(argv: list[str]) -> int:
     try:
         table = infer_slides(args.checkpoint, args.slides, args.out, aggregations=aggregations,
                              tiles_dir=args.tiles_dir, min_tissue=args.min_tissue, slide_mpp=args.slide_mpp,
-                             calibration=calibration,
-                             run=run, extras=extras)
+                             calibration=calibration, run=run, extras=extras, shard_spec=args.shard)
     except (CheckpointError, ValueError) as error:
         print(f"pathology infer: {error}", file=sys.stderr)
         return 1
     if table is None:
         return 0
-    for row in table[table["status"] != STATUS_OK].itertuples():
-        print(f"{row.slide_id}: {row.status}{': ' + row.error if row.error else ''}", file=sys.stderr)
+    for row in table[table["status"] == STATUS_ERROR].itertuples():
+        print(f"{row.slide_id}: {row.status}: {row.error}", file=sys.stderr)
     counts = table["status"].value_counts().to_dict()
     print(f"{len(table)} slides ({', '.join(f'{n} {s}' for s, n in counts.items())}) -> {args.out}")
     return 1 if (table["status"] == STATUS_ERROR).any() else 0

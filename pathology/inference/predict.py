@@ -1,50 +1,58 @@
-"""Tile probabilities and embeddings with Lightning's predict loop, on one device or many.
+"""Tile probabilities (and embeddings) from a classifier: the one prediction path of the project.
 
-Every process (rank) predicts its share of the tiles and a :class:`ShardWriter` saves what it
-saw, with the tiles' dataset indices, to ``rank<r>.npz``; rank 0 then merges the shards in
-dataset order. One code path serves a laptop CPU, one GPU and DDP over several GPUs or machines,
-and a run on two processes gives the same numbers as a run on one.
+``pathology predict-tiles`` (a folder or CSV of tile images) and ``pathology infer`` (slides,
+streamed one at a time) both go through a :class:`Predictor`: the model in its optimised eval
+form on this process's device, called under the run's precision with ``torch.inference_mode``.
+Devices come from Lightning Fabric, which launches one process per device for DDP and gives
+each its rank; no Trainer, so no banners and no inner progress bars. :meth:`Predictor.predict`
+is the only place the model is called.
 """
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
-from dataclasses import dataclass
-from pathlib import Path
-from typing import Any
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from datetime import timedelta
 
-import lightning.pytorch as pl
 import numpy as np
 import torch
-from lightning.pytorch.callbacks import BasePredictionWriter
+from lightning.fabric import Fabric
+from lightning.fabric.strategies import DDPStrategy
 from torch import nn
 from torch.utils.data import DataLoader, Dataset
+from tqdm import tqdm
 
-from pathology.atomic import atomic_path
+from pathology.models.optimize import optimize_for_inference
 
-__all__ = ["RunOptions", "ShardWriter", "TilePredictor", "TilePredictions", "predict_tiles"]
+__all__ = ["RunOptions", "TilePredictions", "Predictor", "start_devices", "make_predictor", "batches",
+           "predict_tiles"]
 
 log = logging.getLogger(__name__)
 
 # Reader processes: none on a 2-core laptop (they would compete with the model's threads for the
 # same cores), up to 4 where cores are spare to overlap reading with compute.
 DEFAULT_WORKERS = min(4, max(0, (os.cpu_count() or 1) - 2))
+# Ranks wait for each other only at the end of a run; slides differ in size, so a rank may
+# finish its share hours before the last one (gloo/NCCL default: 30 minutes).
+RANK_WAIT = timedelta(days=7)
 
 
 @dataclass(frozen=True)
 class RunOptions:
-    """How to run the model; the fields are Lightning Trainer and DataLoader arguments.
+    """How to run the model: devices (Lightning Fabric arguments), batch size, reader processes.
 
     Attributes:
         batch_size: tiles per forward pass (per device).
         num_workers: DataLoader worker processes reading and preprocessing tiles while the model
-            computes; 0 reads in the main process. Default: CPU cores − 2, at most 4.
+            computes; 0 reads in a thread of the main process. Default: CPU cores − 2, at most 4.
         accelerator: ``auto``, ``cpu``, ``gpu``, ...
         devices: number of devices (or ``auto``); more than one predicts with DDP.
         strategy: Lightning strategy, e.g. ``ddp``; ``auto`` picks one.
         precision: ``32-true``, or e.g. ``bf16-mixed`` / ``16-mixed`` on GPUs.
         num_nodes: machines taking part.
-        progress_bar: show progress bars (slides tiled, Lightning's prediction, slides written).
+        progress_bar: show the progress bar (over slides, or over batches of tile images).
     """
 
     batch_size: int = 64
@@ -70,103 +78,84 @@ class TilePredictions:
     embeddings: np.ndarray | None
 
 
-class TilePredictor(pl.LightningModule):
-    """Wraps a classifier with ``forward_features``/``forward_head`` for ``Trainer.predict``.
+@dataclass
+class Predictor:
+    """A classifier on this process's device, called under the run's precision.
 
-    ``predict_step`` returns ``{"probs": (B, C)}`` and, with ``embeddings``, ``{"embeddings": (B, D)}``
-    from the same forward pass.
+    Attributes:
+        model: the classifier in its optimised eval form, on ``device``.
+        device: where batches go.
+        autocast: the precision context (Fabric's), entered around every forward pass.
+        embeddings: also return the pooled features.
     """
 
-    def __init__(self, model: nn.Module, embeddings: bool = False) -> None:
-        super().__init__()
-        self.model = model
-        self.embeddings = embeddings
+    model: nn.Module
+    device: torch.device
+    autocast: Callable[[], contextlib.AbstractContextManager] = field(default=contextlib.nullcontext)
+    embeddings: bool = False
 
-    def predict_step(self, batch: Any, batch_idx: int) -> dict[str, torch.Tensor]:
-        images = batch[0] if isinstance(batch, (list, tuple)) else batch
-        images = images.contiguous(memory_format=torch.channels_last)  # the optimised model's layout
-        features = self.model.forward_features(images)
-        out = {"probs": self.model.forward_head(features).float().softmax(dim=1)}
-        if self.embeddings:
-            out["embeddings"] = self.model.forward_head(features, pre_logits=True).float()
-        return out
+    @torch.inference_mode()
+    def predict(self, images: torch.Tensor) -> tuple[np.ndarray, np.ndarray | None]:
+        """(B, C) float32 probabilities and, with ``embeddings``, (B, D) float32 features of a batch.
 
-
-class ShardWriter(BasePredictionWriter):
-    """Collects one rank's predictions with their dataset indices; saves them at the end of the epoch."""
-
-    def __init__(self, shard_dir: str | Path) -> None:
-        super().__init__(write_interval="batch")
-        self.shard_dir = Path(shard_dir)
-        self._parts: list[dict[str, np.ndarray]] = []
-
-    def on_predict_epoch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        self._parts = []
-
-    def write_on_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, prediction: Any,
-                           batch_indices: Any, batch: Any, batch_idx: int, dataloader_idx: int = 0) -> None:
-        part = {key: value.detach().cpu().numpy() for key, value in prediction.items()}
-        part["index"] = np.asarray(batch_indices, np.int64)
-        self._parts.append(part)
-
-    def on_predict_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        arrays = {key: np.concatenate([p[key] for p in self._parts]) for key in self._parts[0]} if self._parts else {}
-        with atomic_path(self.shard_dir / f"rank{trainer.global_rank}.npz") as tmp:
-            np.savez(tmp, **arrays)
-        self._parts = []
+        Args:
+            images: (B, 3, H, W) normalised float tiles, on any device.
+        """
+        images = images.to(self.device, non_blocking=True).contiguous(memory_format=torch.channels_last)
+        with self.autocast():
+            features = self.model.forward_features(images)
+            probs = self.model.forward_head(features).float().softmax(dim=1)
+            pooled = self.model.forward_head(features, pre_logits=True).float() if self.embeddings else None
+        return probs.cpu().numpy(), None if pooled is None else pooled.cpu().numpy()
 
 
-def _merge(shard_dir: Path, n_tiles: int) -> TilePredictions:
-    """Puts every shard's rows at their dataset index (DDP pads ranks with repeated tiles)."""
-    merged: dict[str, np.ndarray] = {}
-    seen = np.zeros(n_tiles, bool)
-    for shard in sorted(shard_dir.glob("rank*.npz")):
-        with np.load(shard) as data:
-            if "index" not in data:
-                continue
-            index = data["index"]
-            for key in data.files:
-                if key != "index":
-                    merged.setdefault(key, np.zeros((n_tiles, data[key].shape[1]), np.float32))[index] = data[key]
-            seen[index] = True
-    if not seen.all():
-        raise RuntimeError(f"{shard_dir}: predictions missing for {int((~seen).sum())} of {n_tiles} tiles")
-    return TilePredictions(merged["probs"], merged.get("embeddings"))
+def start_devices(options: RunOptions) -> Fabric:
+    """Starts Lightning Fabric: launches the DDP processes when asked for, and gives each its rank.
+
+    With ``strategy="ddp"`` the processes wait for each other for up to :data:`RANK_WAIT`.
+    """
+    strategy = DDPStrategy(timeout=RANK_WAIT) if options.strategy == "ddp" else options.strategy
+    fabric = Fabric(accelerator=options.accelerator, devices=options.devices, strategy=strategy,
+                    num_nodes=options.num_nodes, precision=options.precision)
+    fabric.launch()
+    return fabric
 
 
-def predict_tiles(model: nn.Module, dataset: Dataset, shard_dir: str | Path, options: RunOptions = RunOptions(),
-                  embeddings: bool = False) -> TilePredictions | None:
+def make_predictor(model: nn.Module, fabric: Fabric, embeddings: bool = False) -> Predictor:
+    """The model in its optimised eval form on ``fabric``'s device, with its precision."""
+    optimised = optimize_for_inference(model).to(fabric.device)
+    return Predictor(optimised, fabric.device, fabric.autocast, embeddings)
+
+
+def batches(dataset: Dataset, batch_size: int, num_workers: int) -> Iterator[torch.Tensor]:
+    """The dataset's images in order, ``batch_size`` at a time (labels dropped).
+
+    Raises:
+        CorruptTileError / WsiTilingError: a tile cannot be read (from the dataset).
+    """
+    loader = DataLoader(dataset, batch_size=batch_size, shuffle=False, num_workers=num_workers,
+                        pin_memory=torch.cuda.is_available())
+    for images, _ in loader:
+        yield images
+
+
+def predict_tiles(predictor: Predictor, dataset: Dataset, options: RunOptions = RunOptions()) -> TilePredictions:
     """Predicts every item of ``dataset`` (``(image, label)`` pairs of normalised CHW tensors).
 
     Args:
-        model: classifier in eval form.
+        predictor: the model, from :func:`make_predictor`.
         dataset: the tiles, e.g. a :class:`pathology.data.TileDataset` with the eval transform.
-        shard_dir: folder for the per-rank files (on a file system every node sees); removed at the end.
-        options: devices, batch size, workers, precision.
-        embeddings: also return the pooled features.
+        options: batch size, workers, progress bar.
 
     Returns:
-        The predictions on rank 0; None on the other ranks (they have nothing more to do).
+        (N, C) probabilities and, when the predictor computes them, (N, D) embeddings, in dataset order.
     """
-    shard_dir = Path(shard_dir)
-    trainer = pl.Trainer(accelerator=options.accelerator, devices=options.devices, strategy=options.strategy,
-                         num_nodes=options.num_nodes, precision=options.precision, logger=False,
-                         enable_checkpointing=False, enable_model_summary=False,
-                         enable_progress_bar=options.progress_bar,
-                         callbacks=[ShardWriter(shard_dir)])
-    if trainer.is_global_zero:
-        shard_dir.mkdir(parents=True, exist_ok=True)
-        for old in shard_dir.glob("rank*.npz"):
-            old.unlink()
-    loader = DataLoader(dataset, batch_size=options.batch_size, shuffle=False, num_workers=options.num_workers,
-                        pin_memory=torch.cuda.is_available(), persistent_workers=False)
-    trainer.predict(TilePredictor(model, embeddings), dataloaders=loader, return_predictions=False)
-    trainer.strategy.barrier("predictions written")
-    if not trainer.is_global_zero:
-        return None
-    predictions = _merge(shard_dir, len(dataset))
-    for shard in shard_dir.glob("rank*.npz"):
-        shard.unlink()
-    shard_dir.rmdir()
-    log.info("predicted %d tiles on %d process(es)", len(dataset), trainer.world_size)
-    return predictions
+    probs, pooled = [], []
+    n_batches = -(-len(dataset) // options.batch_size)
+    for images in tqdm(batches(dataset, options.batch_size, options.num_workers), total=n_batches,
+                       unit="batch", disable=not options.progress_bar):
+        batch_probs, batch_pooled = predictor.predict(images)
+        probs.append(batch_probs)
+        if batch_pooled is not None:
+            pooled.append(batch_pooled)
+    return TilePredictions(np.concatenate(probs), np.concatenate(pooled) if pooled else None)

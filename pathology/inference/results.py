@@ -4,7 +4,9 @@ Layout of a ``pathology infer --out DIR`` folder::
 
     DIR/slides.csv                  one row per slide: scores, predicted label, status
     DIR/summary.json                model, classes, aggregations, calibration, counts, speed
-    DIR/predictions/<slide_id>.h5   coords (N×2 level-0 px), probs (N×C), optional embeddings
+    DIR/predictions/<slide_id>.h5   coords (N×2 level-0 px), probs (N×C)
+    DIR/features/<slide_id>.h5      features (N×D), coords: CLAM's / TRIDENT's layout (--embeddings)
+    DIR/records/<slide_id>.json     the slide's row, files and run key, written last (resuming)
     DIR/heatmaps/  DIR/geojson/  DIR/gallery/   pictures and QuPath objects, when asked for
 
 A score column is named ``<aggregation key>_<class name>``, e.g. ``topk0.1_tumour``.
@@ -28,6 +30,9 @@ __all__ = [
     "PREDICTIONS_DIR",
     "CALIBRATED",
     "STATUS_OK",
+    "STATUS_NO_TISSUE",
+    "STATUS_ERROR",
+    "STATUS_PENDING",
     "write_json",
     "score_column",
     "scores",
@@ -42,6 +47,9 @@ SUMMARY_JSON = "summary.json"
 PREDICTIONS_DIR = "predictions"
 CALIBRATED = "calibrated"  # the pseudo-aggregation holding temperature-scaled scores
 STATUS_OK = "ok"
+STATUS_NO_TISSUE = "no-tissue"
+STATUS_ERROR = "error"
+STATUS_PENDING = "pending"  # not finished when the table was written (an interrupted run, another shard)
 
 
 class InferenceError(ValueError):
@@ -69,11 +77,15 @@ def scores(table: pd.DataFrame, key: str, class_names: Sequence[str]) -> np.ndar
     return table[columns].to_numpy(dtype=np.float64)
 
 
-def write_run(run_dir: str | Path, table: pd.DataFrame, summary: dict[str, Any]) -> None:
-    """Writes ``slides.csv`` and ``summary.json``, each atomically."""
-    with atomic_path(Path(run_dir) / SLIDES_CSV) as tmp:
+def write_run(run_dir: str | Path, table: pd.DataFrame, summary: dict[str, Any],
+              shard: tuple[int, int] | None = None) -> None:
+    """Writes ``slides.csv`` and ``summary.json`` (``slides_shard<I>of<N>.csv`` and
+    ``summary_shard<I>of<N>.json`` for shard I of N), each atomically."""
+    suffix = "" if shard is None else f"_shard{shard[0]}of{shard[1]}"
+    run_dir = Path(run_dir)
+    with atomic_path(run_dir / SLIDES_CSV.replace(".csv", f"{suffix}.csv")) as tmp:
         table.to_csv(tmp, index=False)
-    write_json(Path(run_dir) / SUMMARY_JSON, summary)
+    write_json(run_dir / SUMMARY_JSON.replace(".json", f"{suffix}.json"), summary)
 
 
 def read_run(run_dir: str | Path) -> tuple[pd.DataFrame, dict[str, Any]]:

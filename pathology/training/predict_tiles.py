@@ -12,31 +12,14 @@ from pathlib import Path
 
 import numpy as np
 import pandas as pd
-import torch
-from torch.utils.data import DataLoader
-from tqdm import tqdm
 
 from pathology.atomic import atomic_path
-from pathology.checkpoint import CheckpointError, ModelSpec, load_inference_model
+from pathology.checkpoint import CheckpointError, load_inference_model
 from pathology.data import ImageCsvSource, ImageFolderSource, TileDataError, TileDataset, eval_transform
+from pathology.inference.predict import RunOptions, make_predictor, predict_tiles, start_devices
 from pathology.training.metrics import classification_metrics
 
-__all__ = ["predict_tiles", "main"]
-
-
-@torch.inference_mode()
-def predict_tiles(model: torch.nn.Module, spec: ModelSpec, table: pd.DataFrame, *, batch_size: int = 64,
-                  num_workers: int = 0, progress: bool = False) -> np.ndarray:
-    """(N, C) softmax probabilities for the tiles of a tile table, in table order.
-
-    Raises:
-        CorruptTileError: a tile image cannot be decoded (names the file).
-    """
-    dataset = TileDataset(table, eval_transform(spec.img_size, spec.mean, spec.std))
-    loader = DataLoader(dataset, batch_size=batch_size, num_workers=num_workers)
-    device = next(model.parameters()).device
-    probs = [model(images.to(device)).softmax(dim=1).cpu() for images, _ in tqdm(loader, disable=not progress)]
-    return torch.cat(probs).numpy()
+__all__ = ["main"]
 
 
 def _table(tiles: Path, class_names: list[str], image_root: Path | None, path_column: str) -> pd.DataFrame:
@@ -52,9 +35,12 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument("--out", type=Path, required=True,
                         help="output CSV: path, label (when known), pred, prob_<class>")
     parser.add_argument("--image-root", type=Path, default=None, help="folder CSV paths are relative to")
-    parser.add_argument("--path-column", default="path", help="CSV column holding image paths")
-    parser.add_argument("--batch-size", type=int, default=64)
-    parser.add_argument("--num-workers", type=int, default=0)
+    parser.add_argument("--path-column", default="path",
+                        help="CSV column holding image paths (e.g. 'file' for the shared data's manifests)")
+    parser.add_argument("--batch-size", type=int, default=RunOptions.batch_size)
+    parser.add_argument("--num-workers", type=int, default=RunOptions.num_workers,
+                        help="processes reading tiles while the model computes")
+    parser.add_argument("--accelerator", default=RunOptions.accelerator, help="auto, cpu, gpu, ...")
     return parser
 
 
@@ -64,8 +50,10 @@ def main(argv: list[str]) -> int:
     try:
         model, spec = load_inference_model(args.checkpoint)
         table = _table(args.tiles, list(spec.class_names), args.image_root, args.path_column)
-        probs = predict_tiles(model, spec, table, batch_size=args.batch_size, num_workers=args.num_workers,
-                              progress=True)
+        options = RunOptions(args.batch_size, args.num_workers, args.accelerator)
+        predictor = make_predictor(model, start_devices(options))
+        dataset = TileDataset(table, eval_transform(spec.img_size, spec.mean, spec.std))
+        probs = predict_tiles(predictor, dataset, options).probs
     except (CheckpointError, TileDataError) as err:
         print(f"pathology predict-tiles: {err}", file=sys.stderr)
         return 1

@@ -38,6 +38,13 @@ def test_bad_csv_is_a_problem_naming_it(tmp_path: Path, content: str, message: s
     assert jobs == [] and message in problems[0].message and "bad.csv" in problems[0].message
 
 
+def test_csv_row_with_an_empty_path_is_a_problem_and_the_other_rows_are_kept(tmp_path: Path) -> None:
+    (tmp_path / "list.csv").write_text("slide_path,slide_id\nx.svs,\n ,blank\ny.svs,\n")
+    jobs, problems = collect_slides([tmp_path / "list.csv"])
+    assert [job.slide_path for job in jobs] == [tmp_path / "x.svs", tmp_path / "y.svs"]
+    assert [p.message for p in problems] == [f"{tmp_path / 'list.csv'}: line 3: empty slide_path"]
+
+
 def test_missing_path_empty_folder_and_duplicate_ids_are_problems(tmp_path: Path) -> None:
     _touch(tmp_path / "one" / "s.svs", tmp_path / "two" / "s.tiff")
     (tmp_path / "empty").mkdir()

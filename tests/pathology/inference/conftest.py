@@ -5,7 +5,7 @@ into 32-px (64 µm) tiles: the box covers exactly 5 × 5 tiles. Class ``pink`` s
 tissue, class ``blue`` slides blue tissue of the same saturation (so tissue detection treats them
 alike). The ``mixed`` slide is pink with its last tile column blue: 5 of its 25 tiles are blue.
 
-The model is a freshly created EfficientFormer-L1 for 32-px inputs whose two heads are set, in
+The model is a freshly created EfficientFormer-tiny for 32-px inputs whose two heads are set, in
 closed form, to the nearest-class-mean rule on the embeddings of a pure pink and a pure blue tile
 (logit ±20), so it calls every pure tile right with probability 1 − 2e-9; no training needed.
 """
@@ -96,7 +96,7 @@ def two_class_set(tmp_path_factory: pytest.TempPathFactory) -> TwoClassSet:
     labels = root / "labels.csv"
     pd.DataFrame({"slide_id": ["pink_1", "pink_2", "blue_1", "blue_2", "mixed"],
                   "label": ["pink", "pink", "blue", "blue", "pink"]}).to_csv(labels, index=False)
-    spec = ModelSpec("efficientformer_l1", {32: 1}, CLASSES, img_size=TILE_PX, tile_size=TILE_PX,
+    spec = ModelSpec("efficientformer_tiny", {32: 1}, CLASSES, img_size=TILE_PX, tile_size=TILE_PX,
                      resolution=Resolution(MODEL_MPP, "mpp"))
     model = create_model(spec.model_name, mhsa_blocks=spec.mhsa_blocks, num_classes=2, img_size=spec.img_size)
     _fit_heads(model, spec)

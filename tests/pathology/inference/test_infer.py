@@ -4,6 +4,7 @@ from __future__ import annotations
 import json
 import os
 import pickle
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -71,7 +72,6 @@ def test_slide_scores_match_the_known_composition(run) -> None:
 def test_prediction_h5_lines_up_with_the_tile_store(run) -> None:
     with h5py.File(run / "predictions" / "mixed.h5", "r") as file:
         coords, probs = file["coords"][:], file["probs"][:]
-        assert file["embeddings"].shape == (TILES, 448)  # L1's last stage width
         assert json.loads(file["probs"].attrs["class_names"]) == ["pink", "blue"]
         store = TileReader(file["probs"].attrs["tile_store"])
     np.testing.assert_array_equal(coords, store.coords)
@@ -119,31 +119,42 @@ def test_reuses_a_store_with_matching_parameters(two_class_set, tmp_path) -> Non
     assert table["n_tiles"].tolist() == [made.n_tiles] and table["predicted_label"].tolist() == ["pink"]
 
 
-def test_checkpoint_of_another_architecture(two_class_set, tmp_path, capsys) -> None:
-    import torch
-
-    payload = torch.load(two_class_set.checkpoint, weights_only=True)
-    payload["pathology_spec"]["model_name"] = "efficientformer_l3"
-    wrong = tmp_path / "wrong_arch.ckpt"
-    torch.save(payload, wrong)
-    pink = str(two_class_set.slide["pink_1"])
-    assert main([pink, "--checkpoint", str(wrong), "--out", str(tmp_path / "o")]) == 1
-    assert "wrong_arch.ckpt" in capsys.readouterr().err
-
-
 class _Exploit:
     def __reduce__(self):
         return os.system, ("touch pwned",)
 
 
-def test_checkpoint_with_code_is_never_run(two_class_set, tmp_path, capsys, monkeypatch) -> None:
+def _other_architecture(source: Path, path: Path) -> None:
+    import torch
+
+    payload = torch.load(source, weights_only=True)
+    payload["pathology_spec"]["model_name"] = "efficientformer_l3"
+    torch.save(payload, path)
+
+
+BAD_CHECKPOINTS = {
+    "wrong_arch.ckpt": _other_architecture,
+    "evil.ckpt": lambda _, path: path.write_bytes(pickle.dumps({"state_dict": {}, "pathology_spec": _Exploit()},
+                                                               protocol=2)),
+    "notes.txt": lambda _, path: path.write_text("a text file, not a checkpoint\n"),
+    "slides.csv": lambda _, path: path.write_text("slide_path,mpp\na.svs,0.5\n"),
+}
+
+
+@pytest.mark.parametrize("name", sorted(BAD_CHECKPOINTS))
+def test_bad_checkpoint_stops_before_any_slide_with_one_plain_line(name, two_class_set, tmp_path, capsys,
+                                                                   monkeypatch) -> None:
     monkeypatch.chdir(tmp_path)
-    evil = tmp_path / "evil.ckpt"
-    evil.write_bytes(pickle.dumps({"state_dict": {}, "pathology_spec": _Exploit()}, protocol=2))
-    pink = str(two_class_set.slide["pink_1"])
-    assert main([pink, "--checkpoint", str(evil), "--out", str(tmp_path / "o")]) == 1
-    assert "evil.ckpt" in capsys.readouterr().err
-    assert not (tmp_path / "pwned").exists()
+    bad = tmp_path / name
+    BAD_CHECKPOINTS[name](two_class_set.checkpoint, bad)
+    out = tmp_path / "o"
+    assert main([str(two_class_set.slide["pink_1"]), "--checkpoint", str(bad), "--out", str(out)]) == 1
+    captured = capsys.readouterr()
+    lines = captured.err.strip().splitlines()
+    assert len(lines) == 1 and name in lines[0] and lines[0].startswith("pathology infer: ")
+    assert "\x1b" not in captured.err and "weights_only" not in captured.err
+    assert not out.exists()  # no slide was tiled or predicted
+    assert not (tmp_path / "pwned").exists()  # the pickled code never ran
 
 
 def test_two_processes_give_the_same_predictions(run, two_class_set, tmp_path) -> None:
@@ -155,6 +166,7 @@ def test_two_processes_give_the_same_predictions(run, two_class_set, tmp_path) -
     result = subprocess.run(command, capture_output=True, text=True, timeout=170,
                             env={**os.environ, "OMP_NUM_THREADS": "1"})
     assert result.returncode == 0, result.stderr[-2000:]
+    assert "GLOBAL_RANK" not in result.stderr + result.stdout  # no Lightning banners
     for slide in PREDICTED:
         name = f"{slide}.h5"
         with h5py.File(run / "predictions" / name) as one, h5py.File(out / "predictions" / name) as two:
@@ -194,7 +206,8 @@ def test_lightning_checkpoint_of_the_training_module(two_class_set, tmp_path) ->
     from pathology.training.module import TileClassifier
 
     tiny, _ = load_inference_model(two_class_set.checkpoint)
-    module = TileClassifier(["pink", "blue"], tile_size=32, resolution="2.00mpp", img_size=32)
+    module = TileClassifier(["pink", "blue"], tile_size=32, resolution="2.00mpp", model_name="efficientformer_tiny",
+                            mhsa_blocks={32: 1}, img_size=32)
     module.model.load_state_dict(tiny.state_dict())
     trainer = L.Trainer(accelerator="cpu", logger=False, enable_checkpointing=False, enable_model_summary=False)
     trainer.strategy.connect(module)
@@ -202,3 +215,78 @@ def test_lightning_checkpoint_of_the_training_module(two_class_set, tmp_path) ->
     table = infer_slides(tmp_path / "last.ckpt", [two_class_set.slide["mixed"]], tmp_path / "out",
                          aggregations=["vote"], run=SINGLE)
     assert table["vote_blue"].iloc[0] == pytest.approx(MIXED_BLUE)
+
+
+def test_feature_file_reads_the_way_clam_and_trident_read_it(run, two_class_set) -> None:
+    import torch
+
+    from pathology.checkpoint import load_inference_model
+    from pathology.data import eval_transform
+
+    from .conftest import BLUE, PINK, TILE_PX
+
+    path = run / "features" / "mixed.h5"
+    with h5py.File(path, "r") as hdf5_file:  # CLAM's Generic_MIL_Dataset, h5 mode
+        features = hdf5_file["features"][:]
+        coords = hdf5_file["coords"][:]
+        patch_size_level0 = hdf5_file["coords"].attrs["patch_size_level0"]  # TRIDENT's tile footprint
+        patch_size = hdf5_file["coords"].attrs["patch_size"]
+        target_mpp = hdf5_file["coords"].attrs["target_mpp"]
+    features = torch.from_numpy(features)
+    assert features.dtype == torch.float32 and features.shape == (TILES, 128)  # tiny's last stage width
+    assert (patch_size, patch_size_level0, target_mpp) == (32, 128, 2.0)  # 32 px at 2 µm/px over 0.5 µm/px
+    with h5py.File(run / "predictions" / "mixed.h5") as file:
+        np.testing.assert_array_equal(coords, file["coords"][:])
+    # every tile is pure pink or pure blue: its features are the embedding of a plain tile of that colour
+    model, spec = load_inference_model(two_class_set.checkpoint)
+    transform = eval_transform(spec.img_size, spec.mean, spec.std)
+    plain = torch.stack([transform(image=np.full((TILE_PX, TILE_PX, 3), c, np.uint8))["image"] for c in (PINK, BLUE)])
+    with torch.no_grad():
+        pink, blue = model.forward_head(model.forward_features(plain), pre_logits=True)
+    blue_tile = coords[:, 0] == 768  # the mixed slide's last tile column
+    np.testing.assert_allclose(features[blue_tile], blue.expand(int(blue_tile.sum()), -1), atol=1e-4)
+    np.testing.assert_allclose(features[~blue_tile], pink.expand(int((~blue_tile).sum()), -1), atol=1e-4)
+
+
+def test_bad_slides_each_get_one_error_row_and_the_rest_finish(two_class_set, text_as_svs, tmp_path,
+                                                               capsys) -> None:
+    tiles, out = tmp_path / "tiles", tmp_path / "out"
+    store = tile_slide(two_class_set.slide["pink_2"], tiles, Resolution(2.0, "mpp"), 32).h5_path
+    store.write_bytes(store.read_bytes()[: store.stat().st_size // 2])  # truncated, as by a crash while copying
+    listing = tmp_path / "list.csv"
+    listing.write_text(f"slide_path,slide_id\n{two_class_set.slide['pink_1']},\n,empty\n")
+    code = main([str(listing), str(text_as_svs), str(two_class_set.slide["coarse"]), str(tmp_path / "gone.svs"),
+                 str(two_class_set.slide["pink_2"]), "--checkpoint", str(two_class_set.checkpoint), "--out", str(out),
+                 "--tiles-dir", str(tiles), "--accelerator", "cpu", "--batch-size", "32", "--num-workers", "0"])
+    assert code == 1
+    table = pd.read_csv(out / "slides.csv", keep_default_na=False).set_index("slide_id")
+    assert table.loc[["pink_1", "pink_2"], "status"].eq("ok").all()
+    assert table.loc["pink_2", "n_tiles"] == TILES and len(TileReader(store)) == TILES  # re-tiled, not trusted
+    names = {"list": "list.csv", "notes": "notes.svs", "coarse": "coarse.svs", "gone": "gone.svs"}
+    errors = table[table["status"] == "error"]
+    assert sorted(errors.index) == sorted(names)
+    for slide_id, file_name in names.items():
+        assert file_name in errors.loc[slide_id, "error"] and "\n" not in errors.loc[slide_id, "error"]
+    assert "line 3: empty slide_path" in errors.loc["list", "error"]
+    printed = [line for line in re.split(r"[\r\n]", capsys.readouterr().err) if line and "slides:" not in line]
+    assert sorted(printed) == sorted(f"{i}: error: {errors.loc[i, 'error']}" for i in names)  # besides the bar
+
+
+def test_shards_split_the_slides_and_an_unsharded_rerun_assembles_them(two_class_set, tmp_path) -> None:
+    out = tmp_path / "out"
+    slides = [str(two_class_set.slide[s]) for s in ("blue_1", "mixed", "pink_1")]
+    common = ["--checkpoint", str(two_class_set.checkpoint), "--out", str(out), "--accelerator", "cpu",
+              "--aggregation", "mean", "--num-workers", "0"]
+    for index in (0, 1):
+        assert main([*slides, *common, "--shard", f"{index}/2"]) == 0
+    # every 2nd slide in slide-id order: shard 0 has the 1st and 3rd, shard 1 the 2nd
+    shard0 = pd.read_csv(out / "slides_shard0of2.csv")
+    shard1 = pd.read_csv(out / "slides_shard1of2.csv")
+    assert shard0["slide_id"].tolist() == ["blue_1", "pink_1"] and shard1["slide_id"].tolist() == ["mixed"]
+    assert not (out / "slides.csv").exists()
+    written = {p.name: p.stat().st_mtime_ns for p in (out / "predictions").glob("*.h5")}
+    assert main([*slides, *common]) == 0
+    assert {p.name: p.stat().st_mtime_ns for p in (out / "predictions").glob("*.h5")} == written  # all skipped
+    table = pd.read_csv(out / "slides.csv")
+    assert table["slide_id"].tolist() == ["blue_1", "mixed", "pink_1"] and table["status"].eq("ok").all()
+    assert table["mean_blue"].tolist() == pytest.approx([1, MIXED_BLUE, 0], abs=1e-6)

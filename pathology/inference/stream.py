@@ -1,0 +1,213 @@
+"""Slides tiled and read ahead in a thread while the model predicts: the producer of ``pathology infer``.
+
+A thread walks the slides in order: it finds or makes each slide's tile store at the model's
+resolution, then reads and normalises its tiles batch by batch (in DataLoader worker processes,
+or in the thread itself with none) into a bounded queue. The main thread takes each slide and
+its batches from the queue and predicts them. The producer starts a slide only once the
+consumer has taken the one before, and the queue holds at most :data:`QUEUE_BATCHES` batches, so
+the producer is at most one slide (and a few batches) ahead: tiling and reading overlap
+prediction, and memory stays one slide's worth whatever the cohort size.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import queue
+import threading
+import time
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import torch
+
+from pathology.checkpoint import ModelSpec
+from pathology.data import TileDataError, TileDataset, eval_transform
+from pathology.inference.predict import batches
+from pathology.inference.results import STATUS_ERROR, STATUS_NO_TISSUE, STATUS_OK
+from wsi_tiling import TileReader, WsiTilingError, read_attrs, store_path, tile_slide
+from wsi_tiling.inputs import SlideJob
+
+__all__ = ["TiledSlide", "SlideStream", "tile_for_model", "slide_dataset"]
+
+log = logging.getLogger(__name__)
+
+OVERLAP_PX = 0  # the model was trained on non-overlapping tiles
+QUEUE_BATCHES = 4  # batches read ahead of the model
+STOP_POLL_S = 0.2  # how often a blocked producer checks whether the consumer has gone
+
+
+@dataclass
+class TiledSlide:
+    """One slide as the producer hands it over.
+
+    Attributes:
+        job: the slide.
+        status: ``ok`` (tiles follow), ``no-tissue`` or ``error``.
+        error: one-line reason naming the file (tiling or, after the batches, reading failed).
+        h5_path: its tile store (None on error).
+        n_tiles: tiles in the store.
+        seconds: tiling time (s).
+    """
+
+    job: SlideJob
+    status: str
+    error: str = ""
+    h5_path: Path | None = None
+    n_tiles: int = 0
+    seconds: float = 0.0
+
+
+@dataclass(frozen=True)
+class _End:
+    """End of a slide's batches; ``error`` when reading its tiles failed part way."""
+
+    error: str = ""
+
+
+@dataclass(frozen=True)
+class _Failure:
+    """An unexpected exception in the producer, re-raised in the consumer."""
+
+    error: BaseException
+
+
+def _reusable_store(job: SlideJob, h5_path: Path, spec: ModelSpec) -> int | None:
+    """Tile count of an existing, readable store cut from this slide at the model's resolution, else None.
+
+    Tissue threshold and stored pixels may differ (e.g. a store written by ``wsi-tile
+    --save-tiles``): they change which tiles exist, not what a tile looks like. A store that
+    cannot be read (e.g. truncated) is not trusted: the slide is tiled again.
+    """
+    if not h5_path.is_file():
+        return None
+    try:
+        attrs = read_attrs(h5_path)
+        params = json.loads(attrs["params"])
+        same = (params["resolution"] == str(spec.resolution) and params["tile_size"] == spec.tile_size
+                and params["slide_mpp"] == job.mpp and not params["allow_upsample"]
+                and Path(attrs["slide_path"]).name == job.slide_path.resolve().name)
+        return len(TileReader(h5_path)) if same else None
+    except (OSError, KeyError, ValueError):
+        return None
+
+
+def tile_for_model(job: SlideJob, spec: ModelSpec, tiles_dir: Path, min_tissue: float) -> TiledSlide:
+    """Finds or makes the slide's tile store at the model's resolution; failures become a status."""
+    start = time.perf_counter()
+    h5_path = store_path(tiles_dir, spec.resolution, spec.tile_size, OVERLAP_PX, job.slide_id)
+    try:
+        n_tiles = _reusable_store(job, h5_path, spec)
+        if n_tiles is None:
+            result = tile_slide(job.slide_path, tiles_dir, spec.resolution, spec.tile_size, overlap=OVERLAP_PX,
+                                min_tissue=min_tissue, slide_mpp=job.mpp, slide_id=job.slide_id, resume=True)
+            h5_path, n_tiles = result.h5_path, result.n_tiles
+    except WsiTilingError as error:
+        return TiledSlide(job, STATUS_ERROR, str(error).splitlines()[0], seconds=time.perf_counter() - start)
+    status = STATUS_OK if n_tiles else STATUS_NO_TISSUE
+    return TiledSlide(job, status, h5_path=h5_path, n_tiles=n_tiles, seconds=time.perf_counter() - start)
+
+
+def slide_dataset(slide: TiledSlide, spec: ModelSpec) -> TileDataset:
+    """The slide's tiles in store order, normalised as in training."""
+    table = pd.DataFrame({"path": str(slide.h5_path), "tile_index": np.arange(slide.n_tiles),
+                          "slide_path": str(slide.job.slide_path), "label": -1})
+    return TileDataset(table, eval_transform(spec.img_size, spec.mean, spec.std))
+
+
+class SlideStream:
+    """Iterates tiled slides, each with its batches of tiles in store order.
+
+    Use as a context manager: leaving it stops the producer thread (and its reader processes).
+
+    Args:
+        jobs: the slides, in the order they are predicted.
+        tile: finds or makes a slide's store (:func:`tile_for_model` with its settings bound).
+        dataset: the slide's tiles as a dataset (:func:`slide_dataset` with the spec bound).
+        batch_size: tiles per batch.
+        num_workers: DataLoader worker processes per slide (0: read in the producer thread).
+    """
+
+    def __init__(self, jobs: Sequence[SlideJob], tile: Callable[[SlideJob], TiledSlide],
+                 dataset: Callable[[TiledSlide], TileDataset], batch_size: int, num_workers: int) -> None:
+        self._jobs, self._tile, self._dataset = list(jobs), tile, dataset
+        self._batch_size, self._num_workers = batch_size, num_workers
+        self._queue: queue.Queue = queue.Queue(maxsize=QUEUE_BATCHES)
+        self._stop = threading.Event()
+        self._may_start = threading.Semaphore(1)  # released when the consumer takes a slide
+        self._thread = threading.Thread(target=self._produce, name="slide-producer", daemon=True)
+
+    def __enter__(self) -> SlideStream:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        self._thread.join()
+
+    def _put(self, item: object) -> bool:
+        """Blocks until there is room; False when the consumer has stopped."""
+        while not self._stop.is_set():
+            try:
+                self._queue.put(item, timeout=STOP_POLL_S)
+                return True
+            except queue.Full:
+                continue
+        return False
+
+    def _wait_turn(self) -> bool:
+        """Blocks until the consumer has taken the previous slide; False when it has stopped."""
+        while not self._stop.is_set():
+            if self._may_start.acquire(timeout=STOP_POLL_S):
+                return True
+        return False
+
+    def _produce(self) -> None:
+        try:
+            for job in self._jobs:
+                if not self._wait_turn():
+                    return
+                slide = self._tile(job)
+                if not self._put(slide):
+                    return
+                if slide.status == STATUS_OK and not self._put_batches(slide):
+                    return
+        except BaseException as error:  # noqa: BLE001 - any bug here is re-raised in the consumer
+            self._put(_Failure(error))
+
+    def _put_batches(self, slide: TiledSlide) -> bool:
+        """Queues the slide's batches, then its end marker; False when the consumer has stopped."""
+        try:
+            for images in batches(self._dataset(slide), self._batch_size, self._num_workers):
+                if not self._put(images):
+                    return False
+        except (WsiTilingError, TileDataError) as error:
+            return self._put(_End(str(error).splitlines()[0]))
+        return self._put(_End())
+
+    def _get(self) -> object:
+        item = self._queue.get()
+        if isinstance(item, _Failure):
+            raise item.error
+        return item
+
+    def __iter__(self) -> Iterator[tuple[TiledSlide, Iterator[torch.Tensor]]]:
+        """Each slide with an iterator over its batches of (B, 3, H, W) normalised tiles (empty
+        unless the status is ``ok``); a read failure part way sets the slide's status and error."""
+        for _ in self._jobs:
+            slide = self._get()
+            self._may_start.release()
+            images = self._images(slide)
+            yield slide, images
+            for _ in images:  # batches the consumer did not take
+                pass
+
+    def _images(self, slide: TiledSlide) -> Iterator[torch.Tensor]:
+        if slide.status != STATUS_OK:
+            return
+        while not isinstance(item := self._get(), _End):
+            yield item
+        if item.error:
+            slide.status, slide.error = STATUS_ERROR, item.error
