@@ -8,7 +8,6 @@ this layout, so inference never needs to know which wrote the file.
 from __future__ import annotations
 
 import logging
-import pickle
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -17,11 +16,12 @@ import torch
 from torch import nn
 
 from pathology.atomic import atomic_path
+from pathology.io import CheckpointError, read_torch_file
+from pathology.models import create_model
 from wsi_tiling import Resolution
 
 __all__ = [
     "SPEC_KEY", "CheckpointError", "ModelSpec", "save_checkpoint", "load_checkpoint", "load_inference_model",
-    "read_torch_file",
 ]
 
 SPEC_KEY = "pathology_spec"
@@ -30,10 +30,6 @@ IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 
 log = logging.getLogger(__name__)
-
-
-class CheckpointError(ValueError):
-    """A file that is not a readable pathology checkpoint; the message names the file."""
 
 
 @dataclass(frozen=True)
@@ -98,31 +94,6 @@ def save_checkpoint(path: str | Path, model: nn.Module, spec: ModelSpec) -> Path
     return Path(path)
 
 
-def read_torch_file(path: str | Path, what: str) -> Any:
-    """Loads a torch file onto the CPU safely (``weights_only``: never unpickles code).
-
-    Args:
-        path: the file.
-        what: what the file should be (``"checkpoint"``), for error messages.
-
-    Raises:
-        CheckpointError: missing, truncated or unsafe file; the message names it.
-    """
-    path = Path(path)
-    if not path.is_file():
-        raise CheckpointError(f"{path}: {what} not found")
-    try:
-        return torch.load(path, map_location="cpu", weights_only=True)
-    except (pickle.UnpicklingError, RuntimeError, EOFError, OSError) as err:
-        raise CheckpointError(f"{path}: not a loadable {what} ({first_line(err)})") from err
-
-
-def first_line(err: BaseException) -> str:
-    """The first line of ``err``'s message, or its type name when the message is empty."""
-    text = str(err).strip()
-    return text.splitlines()[0] if text else type(err).__name__
-
-
 def load_checkpoint(path: str | Path) -> tuple[dict[str, torch.Tensor], ModelSpec]:
     """Reads a checkpoint safely (never unpickles code) and returns (model state_dict, spec).
 
@@ -143,8 +114,6 @@ def load_inference_model(path: str | Path) -> tuple[nn.Module, ModelSpec]:
     Raises:
         CheckpointError: unreadable file, or weights that do not fit the recorded architecture.
     """
-    from pathology.models import create_model  # the model package imports torch-heavy timm
-
     state, spec = load_checkpoint(path)
     model = create_model(spec.model_name, mhsa_blocks=spec.mhsa_blocks, num_classes=spec.num_classes,
                          img_size=spec.img_size)

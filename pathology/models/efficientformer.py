@@ -25,6 +25,8 @@ from timm.models._manipulate import checkpoint_seq
 from timm.models.efficientformer import Attention, Downsample, MetaBlock1d, MetaBlock2d, Stem4
 from torch import nn
 
+from pathology.models.checkpoint import load_pretrained
+
 STAGE_STRIDES: tuple[int, ...] = (4, 8, 16, 32)  # output stride (input px per token) of each stage
 MAX_STRIDE = STAGE_STRIDES[-1]
 
@@ -291,7 +293,5 @@ def create_model(
         "interpolation": "bicubic", "pretrained": pretrained,
     }
     if pretrained:
-        from pathology.models.checkpoint import load_pretrained
-
         load_pretrained(model, pretrained, bias_transfer=bias_transfer)
     return model

@@ -26,6 +26,7 @@ from typing import Any
 import h5py
 import numpy as np
 import pandas as pd
+import torch
 from jsonargparse import ArgumentError
 from tqdm import tqdm
 
@@ -267,8 +268,6 @@ def prepare_console(threads: int | None) -> None:
         logging.getLogger(name).setLevel(logging.WARNING)
     warnings.filterwarnings("ignore", message=r"`isinstance\(treespec, LeafSpec\)` is deprecated")
     if threads:
-        import torch
-
         torch.set_num_threads(threads)
 
 
