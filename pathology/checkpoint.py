@@ -18,6 +18,7 @@ from torch import nn
 from pathology.atomic import atomic_path
 from pathology.io import CheckpointError, read_torch_file
 from pathology.models import create_model
+from pathology.models.mhsa import MhsaBlocks
 from wsi_tiling import Resolution
 
 __all__ = [
@@ -48,13 +49,16 @@ class ModelSpec:
     """
 
     model_name: str
-    mhsa_blocks: dict[int, int]
+    mhsa_blocks: MhsaBlocks
     class_names: tuple[str, ...]
     img_size: int
     tile_size: int
     resolution: Resolution
     mean: tuple[float, float, float] = IMAGENET_MEAN
     std: tuple[float, float, float] = IMAGENET_STD
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "mhsa_blocks", MhsaBlocks.parse(self.mhsa_blocks))  # a plain dict is accepted
 
     @property
     def num_classes(self) -> int:
@@ -63,7 +67,7 @@ class ModelSpec:
     def to_dict(self) -> dict[str, Any]:
         """Plain types only, so the checkpoint loads with ``weights_only=True``."""
         data = asdict(self)
-        data["mhsa_blocks"] = {int(k): int(v) for k, v in self.mhsa_blocks.items()}
+        data["mhsa_blocks"] = self.mhsa_blocks.to_dict()
         data["class_names"] = list(self.class_names)
         data["resolution"] = {"value": float(self.resolution.value), "unit": self.resolution.unit}
         data["mean"], data["std"] = list(self.mean), list(self.std)
@@ -73,7 +77,7 @@ class ModelSpec:
     def from_dict(cls, data: dict[str, Any]) -> ModelSpec:
         return cls(
             model_name=data["model_name"],
-            mhsa_blocks={int(k): int(v) for k, v in data["mhsa_blocks"].items()},
+            mhsa_blocks=MhsaBlocks.parse(data["mhsa_blocks"]),  # int keys; str keys in JSON copies
             class_names=tuple(data["class_names"]),
             img_size=int(data["img_size"]),
             tile_size=int(data["tile_size"]),
