@@ -51,8 +51,8 @@ def test_test_tiles_count_equals_the_tile_stores(tiny_study) -> None:
     assert results["n_test_tiles"].tolist() == [n_test, n_test]
 
 
-def test_rerun_reads_every_cell_from_cache(tiny_study) -> None:
-    configs, slides_csv, out, results = tiny_study
+def test_rerun_reads_every_cell_from_cache(study_copy) -> None:
+    configs, slides_csv, out, results = study_copy
     before = {c: (out / "cells" / c / RESULT_JSON).stat().st_mtime_ns for c in results["cell"]}
     again = run_study(load_study(configs, slides_csv), out)
     assert again["cached"].all()
@@ -60,9 +60,9 @@ def test_rerun_reads_every_cell_from_cache(tiny_study) -> None:
     assert {c: (out / "cells" / c / RESULT_JSON).stat().st_mtime_ns for c in results["cell"]} == before
 
 
-def test_interrupted_study_resumes_and_a_new_cell_runs_alone(tiny_study, tmp_path) -> None:
+def test_interrupted_study_resumes_and_a_new_cell_runs_alone(study_copy, tmp_path) -> None:
     """Seed 1 lost its result (as if killed mid-cell) and seed 2 is new: only those two run."""
-    configs, slides_csv, out, results = tiny_study
+    configs, slides_csv, out, results = study_copy
     seed0, seed1 = results["cell"]
     (out / "cells" / seed1 / RESULT_JSON).unlink()
     kept = (out / "cells" / seed0 / RESULT_JSON).stat().st_mtime_ns
