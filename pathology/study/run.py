@@ -230,7 +230,8 @@ def run_study(study: Study, out_dir: str | Path) -> pd.DataFrame:
         if row is not None:
             rows.append({**row, "cached": True})
             continue
-        row = {"cell": cell.name, **cell.to_dict(), "n_classes": len(study.tasks[cell.task]), "fingerprint": fingerprint}
+        row = {"cell": cell.name, **cell.to_dict(), "n_classes": len(study.tasks[cell.task]),
+               "fingerprint": fingerprint}
         try:
             row |= {"status": STATUS_OK, **run_cell(study, cell, out_dir)}
             write_json(path, row)
