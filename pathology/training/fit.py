@@ -84,7 +84,7 @@ class TrainCLI(LightningCLI):
             if self._values:
                 config = parser.parse_object(_nested(self._values), namespace=config)
         except ArgumentError as err:
-            raise ArgumentError(None, explain_error(err, args, parser)) from err
+            raise ArgumentError(None, _explain_error(err, args, parser)) from err
         self.config = config
 
     def instantiate_trainer(self, **kwargs: Any) -> Trainer:
@@ -133,7 +133,7 @@ def _yaml_keys(data: Any, prefix: str = "") -> set[str]:
     return keys
 
 
-def explain_error(err: ArgumentError, args: Any, parser: LightningArgumentParser) -> str:
+def _explain_error(err: ArgumentError, args: Any, parser: LightningArgumentParser) -> str:
     """The parser's message, prefixed with the config file holding an unknown key and suffixed with the
     closest valid key; other errors are prefixed with every config file given."""
     message = str(err).strip()
