@@ -20,6 +20,7 @@ import sysconfig
 from pathlib import Path
 
 import pandas as pd
+from jsonargparse import ArgumentError
 
 from pathology.inference.infer import infer_slides
 from pathology.inference.outputs import Extras
@@ -122,7 +123,7 @@ def main(argv: list[str]) -> int:
     prepare_console(args.threads)
     try:
         report = run_demo(args.out, args.config)
-    except (StudyConfigError, StudyError) as err:
+    except (StudyConfigError, StudyError, ArgumentError) as err:
         print(f"pathology demo: {err}", file=sys.stderr)
         return 2
     results = pd.read_csv(args.out / "results.csv")

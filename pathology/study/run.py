@@ -41,7 +41,7 @@ from pathology.io import CheckpointError
 from pathology.models.info import measure
 from pathology.study.grid import Cell, Study, StudyConfigError, load_study
 from pathology.study.report import write_report
-from pathology.training.fit import fit
+from pathology.training.fit import check_config, fit
 from pathology.training.metrics import classification_metrics
 from pathology.training.module import NonFiniteLossError
 from wsi_tiling import WsiTilingError, setting_name, tile_slide
@@ -220,9 +220,15 @@ def run_study(study: Study, out_dir: str | Path) -> pd.DataFrame:
 
     Raises:
         StudyError: the slides CSV lacks a column or names an unknown split (checked before any cell).
+        jsonargparse.ArgumentError: a training config with an unknown key or a bad value (checked with the
+            first cell's settings, before any cell).
     """
     out_dir = Path(out_dir)
     read_slides(study.slides_csv, list(study.tasks))
+    if study.cells:
+        first = out_dir / "cells" / study.cells[0].name
+        check_config(*_train_inputs(study, study.cells[0], first, first / "h5", first / "labels.csv",
+                                    first / "splits.csv"))
     rows = []
     for cell in tqdm(study.cells, desc="study", unit="cell"):
         path, fingerprint = out_dir / "cells" / cell.name / RESULT_JSON, study.fingerprint(cell)
@@ -281,7 +287,7 @@ def main(argv: list[str]) -> int:
     try:
         study = load_study(args.config, args.slides)
         results = run_study(study, args.out)
-    except (StudyConfigError, StudyError) as err:
+    except (StudyConfigError, StudyError, ArgumentError) as err:
         print(f"pathology study: {err}", file=sys.stderr)
         return 2
     failed = results[results["status"] != STATUS_OK]

@@ -32,7 +32,7 @@ from pathology.io import CheckpointError
 from pathology.models.mhsa import MhsaBlocks
 from pathology.training.module import TileClassifier
 
-__all__ = ["FitResult", "TrainCLI", "fit"]
+__all__ = ["FitResult", "TrainCLI", "check_config", "fit"]
 
 # In YAML and on the command line ``model.mhsa_blocks`` is "16:2,32:1" or a mapping; configs save it as a string.
 register_type(MhsaBlocks, serializer=str, deserializer=MhsaBlocks.parse)
@@ -163,6 +163,30 @@ def _best_checkpoint(trainer: Trainer) -> Path:
     return Path(callback.best_model_path or callback.last_model_path).resolve()
 
 
+class _ParseOnlyCLI(TrainCLI):
+    """Stops after parsing: nothing is built and nothing is written."""
+
+    def instantiate_classes(self) -> None:
+        """Builds nothing."""
+
+
+def _cli(cli_class: type[TrainCLI], args: list[str], values: Mapping[str, Any] | None) -> TrainCLI:
+    with warnings.catch_warnings():  # args are ours on purpose; sys.argv holds the dispatcher's own
+        warnings.filterwarnings("ignore", message="LightningCLI's args parameter")
+        return cli_class(TileClassifier, TileDataModule, args=args, values=values, run=False, subclass_mode_data=False,
+                         save_config_kwargs={"overwrite": True},
+                         parser_kwargs={"exit_on_error": False, "prog": "pathology train"})
+
+
+def check_config(args: list[str], values: Mapping[str, Any] | None = None) -> None:
+    """Parses as :func:`fit` does and stops, so that a study refuses a bad training config before any work.
+
+    Raises:
+        jsonargparse.ArgumentError: unknown key (naming its config file) or bad value.
+    """
+    _cli(_ParseOnlyCLI, args, values)
+
+
 def fit(args: list[str], values: Mapping[str, Any] | None = None) -> FitResult:
     """Trains as ``pathology train ARGS`` does, then tests the best checkpoint on the test split.
 
@@ -175,11 +199,7 @@ def fit(args: list[str], values: Mapping[str, Any] | None = None) -> FitResult:
         TileDataError: bad tiles, labels or splits; NonFiniteLossError: the loss diverged.
         CheckpointError: the run wrote no checkpoint.
     """
-    with warnings.catch_warnings():  # args are ours on purpose; sys.argv holds the dispatcher's own
-        warnings.filterwarnings("ignore", message="LightningCLI's args parameter")
-        cli = TrainCLI(TileClassifier, TileDataModule, args=args, values=values, run=False, subclass_mode_data=False,
-                       save_config_kwargs={"overwrite": True},
-                       parser_kwargs={"exit_on_error": False, "prog": "pathology train"})
+    cli = _cli(TrainCLI, args, values)
     trainer, datamodule = cli.trainer, cli.datamodule
     trainer.fit(cli.model, datamodule=datamodule, ckpt_path=cli.config.get("ckpt_path"))
     best = _best_checkpoint(trainer)

@@ -87,3 +87,17 @@ def test_cli_reports_a_slides_csv_without_split(tiny_study, tmp_path, capsys) ->
     assert code == 2  # checked before any cell runs
     assert "no_split.csv: missing column(s) ['split']" in capsys.readouterr().err
     assert not (tmp_path / "out" / "cells").exists()
+
+
+def test_a_typo_in_a_training_config_stops_the_study_before_any_cell(tmp_path, capsys) -> None:
+    """The study's training files are parsed with the first cell's settings before anything runs."""
+    (tmp_path / "slides.csv").write_text("slide_id,slide_path,split,chromatin\n")
+    train = Path(__file__).resolve().parents[3] / "configs" / "study_train_demo.yaml"
+    (tmp_path / "typo.yaml").write_text("model: {lrr: 0.1}\n")
+    (tmp_path / "study.yaml").write_text(
+        "slides_csv: slides.csv\ntasks: {chromatin: [smooth, coarse]}\n"
+        "grid: {resolution: [5x], mhsa_blocks: ['32:1'], tile_size: [64], seed: [0]}\n"
+        f"train: {{configs: ['{train}', typo.yaml]}}\n")
+    assert main(["--config", str(tmp_path / "study.yaml"), "--out", str(tmp_path / "out")]) == 2
+    assert "typo.yaml: unknown key 'model.lrr'; did you mean 'model.lr'?" in capsys.readouterr().err
+    assert not (tmp_path / "out").exists()
