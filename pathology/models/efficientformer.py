@@ -27,6 +27,7 @@ from torch import nn
 
 STAGE_STRIDES: tuple[int, ...] = (4, 8, 16, 32)  # output stride (input px per token) of each stage
 MAX_STRIDE = STAGE_STRIDES[-1]
+FINAL_NORM_EPS = 1e-5  # timm's final ``nn.LayerNorm`` default (LayerNorm2d's own default, 1e-6, is not timm's function)
 
 
 @dataclass(frozen=True)
@@ -178,7 +179,7 @@ class EfficientFormer(nn.Module):
             dim_in = dim
         self.stages = nn.Sequential(*stages)
         self.num_features = self.head_hidden_size = config.widths[-1]
-        self.norm = LayerNorm2d(self.num_features)
+        self.norm = LayerNorm2d(self.num_features, eps=FINAL_NORM_EPS)
         self.head_drop = nn.Dropout(drop_rate)
         self.head = self._linear_head()
         self.head_dist = self._linear_head()
