@@ -28,6 +28,7 @@ SPEC_KEY = "pathology_spec"
 STATE_PREFIX = "model."
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
+DEFAULT_ACT_LAYER = "gelu"  # what checkpoints written before act_layer was recorded used
 
 log = logging.getLogger(__name__)
 
@@ -49,6 +50,7 @@ class ModelSpec:
         resolution: the physical resolution tiles were cut at in training.
         mean: per-channel normalisation mean, for RGB in [0, 1].
         std: per-channel normalisation standard deviation.
+        act_layer: the MLPs' activation, a timm name (``gelu``, ``relu``, ``hard_swish``, ...).
     """
 
     model_name: str
@@ -59,6 +61,7 @@ class ModelSpec:
     resolution: Resolution
     mean: tuple[float, float, float] = IMAGENET_MEAN
     std: tuple[float, float, float] = IMAGENET_STD
+    act_layer: str = DEFAULT_ACT_LAYER
 
     @property
     def num_classes(self) -> int:
@@ -75,6 +78,10 @@ class ModelSpec:
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> ModelSpec:
+        """The spec from :meth:`to_dict`'s plain types; fields older checkpoints lack get defaults."""
+        if "act_layer" not in data:
+            log.warning("checkpoint spec has no act_layer (written before it was recorded); using %r",
+                        DEFAULT_ACT_LAYER)
         return cls(
             model_name=data["model_name"],
             mhsa_blocks={int(k): int(v) for k, v in data["mhsa_blocks"].items()},
@@ -84,6 +91,7 @@ class ModelSpec:
             resolution=Resolution(float(data["resolution"]["value"]), data["resolution"]["unit"]),
             mean=tuple(data["mean"]),
             std=tuple(data["std"]),
+            act_layer=data.get("act_layer", DEFAULT_ACT_LAYER),
         )
 
 
@@ -147,7 +155,7 @@ def load_inference_model(path: str | Path) -> tuple[nn.Module, ModelSpec]:
 
     state, spec = load_checkpoint(path)
     model = create_model(spec.model_name, mhsa_blocks=spec.mhsa_blocks, num_classes=spec.num_classes,
-                         img_size=spec.img_size)
+                         img_size=spec.img_size, act_layer=spec.act_layer)
     try:
         model.load_state_dict(state, strict=True)
     except RuntimeError as err:

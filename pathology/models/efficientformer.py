@@ -17,16 +17,22 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
-from timm.layers import LayerNorm2d, to_2tuple, trunc_normal_
+from timm.layers import LayerNorm2d, get_act_layer, to_2tuple, trunc_normal_
 from timm.models._manipulate import checkpoint_seq
 from timm.models.efficientformer import Attention, Downsample, MetaBlock1d, MetaBlock2d, Stem4
 from torch import nn
 
 STAGE_STRIDES: tuple[int, ...] = (4, 8, 16, 32)  # output stride (input px per token) of each stage
 MAX_STRIDE = STAGE_STRIDES[-1]
+# timm activation names whose layer has no weights and exports to ONNX (timm's ``hard_mish`` is a custom
+# autograd function, ``prelu`` has weights that pretrained files lack)
+ACT_LAYERS: tuple[str, ...] = ("gelu", "gelu_tanh", "quick_gelu", "relu", "relu6", "leaky_relu", "hard_swish",
+                               "silu", "mish", "elu", "selu", "celu")
+DEFAULT_ACT_LAYER = "gelu"  # the paper's and timm's
 FINAL_NORM_EPS = 1e-5  # timm's final ``nn.LayerNorm`` default (LayerNorm2d's own default, 1e-6, is not timm's function)
 
 
@@ -78,6 +84,17 @@ def normalize_mhsa_blocks(mhsa_blocks: Mapping[int | str, int] | None, default: 
     return dict(sorted(blocks.items()))
 
 
+def resolve_act_layer(name: str) -> type[nn.Module]:
+    """timm's activation layer class for ``name`` (one of :data:`ACT_LAYERS`).
+
+    Raises:
+        ValueError: a name not in :data:`ACT_LAYERS`; the message lists them.
+    """
+    if name not in ACT_LAYERS:
+        raise ValueError(f"act_layer {name!r} is not one of {', '.join(ACT_LAYERS)}")
+    return get_act_layer(name)
+
+
 def token_grid(img_size: tuple[int, int], stride: int) -> tuple[int, int]:
     """Token grid ``(rows, cols)`` of a stage with output ``stride`` for an ``(H, W)`` input in px."""
     return img_size[0] // stride, img_size[1] // stride
@@ -89,7 +106,7 @@ class MhsaBlock(MetaBlock1d):
     Takes and returns ``(B, N, C)`` tokens, N = rows * cols of ``grid``.
     """
 
-    def __init__(self, dim: int, grid: tuple[int, int], **kwargs: float) -> None:
+    def __init__(self, dim: int, grid: tuple[int, int], **kwargs: Any) -> None:
         super().__init__(dim, **kwargs)
         self.token_mixer = Attention(dim, resolution=grid)
 
@@ -106,6 +123,7 @@ class EfficientFormerStage(nn.Module):
         n_mhsa: int,
         grid: tuple[int, int],
         downsample: bool,
+        act_layer: type[nn.Module],
         drop_path: list[float],
         layer_scale_init_value: float,
         proj_drop: float,
@@ -115,7 +133,7 @@ class EfficientFormerStage(nn.Module):
         self.grid = grid
         self.n_pool, self.n_mhsa = n_pool, n_mhsa
         self.downsample = Downsample(dim_in, dim) if downsample else nn.Identity()
-        common = dict(layer_scale_init_value=layer_scale_init_value, proj_drop=proj_drop)
+        common = dict(act_layer=act_layer, layer_scale_init_value=layer_scale_init_value, proj_drop=proj_drop)
         pool = [MetaBlock2d(dim, drop_path=drop_path[i], **common) for i in range(n_pool)]
         mhsa = [MhsaBlock(dim, grid, drop_path=drop_path[n_pool + i], **common) for i in range(n_mhsa)]
         self.blocks = nn.Sequential(*pool, *mhsa)
@@ -144,6 +162,8 @@ class EfficientFormerStage(nn.Module):
 class EfficientFormer(nn.Module):
     """EfficientFormer backbone + distilled classifier heads, MHSA at the strides in ``mhsa_blocks``.
 
+    ``act_layer`` (a timm activation name) is the MLPs' activation; the stem keeps timm's ReLU.
+
     ``forward_features`` returns normalized ``(B, C, H/32, W/32)`` features; ``forward_head``
     average-pools them and returns ``(B, num_features)`` embeddings (``pre_logits=True``) or the mean
     of the two heads' logits, as timm does.
@@ -157,12 +177,15 @@ class EfficientFormer(nn.Module):
         num_classes: int,
         img_size: tuple[int, int],
         in_chans: int = 3,
+        act_layer: str = DEFAULT_ACT_LAYER,
         drop_rate: float = 0.0,
         proj_drop_rate: float = 0.0,
         drop_path_rate: float = 0.0,
         layer_scale_init_value: float = 1e-5,
     ) -> None:
         super().__init__()
+        self.act_layer = act_layer
+        act = resolve_act_layer(act_layer)
         self.num_classes = num_classes
         self.img_size = img_size
         self.mhsa_blocks = mhsa_blocks
@@ -173,7 +196,7 @@ class EfficientFormer(nn.Module):
         for i, (dim, stride) in enumerate(zip(config.widths, STAGE_STRIDES)):
             stages.append(EfficientFormerStage(
                 dim_in, dim, n_pool=config.pool_depths[i], n_mhsa=mhsa_blocks.get(stride, 0),
-                grid=token_grid(img_size, stride), downsample=i > 0, drop_path=rates[i].tolist(),
+                grid=token_grid(img_size, stride), downsample=i > 0, act_layer=act, drop_path=rates[i].tolist(),
                 layer_scale_init_value=layer_scale_init_value, proj_drop=proj_drop_rate,
             ))
             dim_in = dim
@@ -246,6 +269,7 @@ def create_model(
     img_size: int | tuple[int, int] = 224,
     pretrained: str | None = None,
     in_chans: int = 3,
+    act_layer: str = DEFAULT_ACT_LAYER,
     drop_rate: float = 0.0,
     proj_drop_rate: float = 0.0,
     drop_path_rate: float = 0.0,
@@ -263,6 +287,9 @@ def create_model(
             built for this grid.
         pretrained: a local ``.pth``/``.safetensors`` file with timm (or our) key names, or a timm
             hub name (``efficientformer_l1.snap_dist_in1k``); heads are dropped if shapes differ.
+        act_layer: the activation of every block's MLP, a timm name (:data:`ACT_LAYERS`: ``gelu``,
+            ``relu``, ``hard_swish``, ``silu``, ...); activations have no weights, so any pretrained
+            file still loads. The stem's ReLU is timm's and stays.
         in_chans, drop_rate, proj_drop_rate, drop_path_rate, layer_scale_init_value: as in timm.
         bias_transfer: how a pretrained 7 x 7 attention-bias table fills a larger grid: ``"pad"``
             (same bias per token offset, the edge value beyond it) or ``"interpolate"`` (bicubic).
@@ -272,7 +299,7 @@ def create_model(
 
     Raises:
         KeyError: unknown ``name``.
-        ValueError: bad ``mhsa_blocks`` or ``img_size``.
+        ValueError: bad ``mhsa_blocks``, ``img_size`` or ``act_layer``.
         CheckpointError: ``pretrained`` cannot be read or is for another architecture.
     """
     if name not in MODEL_CONFIGS:
@@ -283,11 +310,12 @@ def create_model(
         raise ValueError(f"img_size {img_size!r} must be positive multiples of {MAX_STRIDE} px")
     model = EfficientFormer(
         config, mhsa_blocks=normalize_mhsa_blocks(mhsa_blocks, config.default_mhsa), num_classes=num_classes,
-        img_size=size, in_chans=in_chans, drop_rate=drop_rate, proj_drop_rate=proj_drop_rate,
+        img_size=size, in_chans=in_chans, act_layer=act_layer, drop_rate=drop_rate, proj_drop_rate=proj_drop_rate,
         drop_path_rate=drop_path_rate, layer_scale_init_value=layer_scale_init_value,
     )
     model.pretrained_cfg = {
-        "architecture": name, "mhsa_blocks": dict(model.mhsa_blocks), "num_classes": num_classes,
+        "architecture": name, "mhsa_blocks": dict(model.mhsa_blocks), "act_layer": act_layer,
+        "num_classes": num_classes,
         "input_size": (in_chans, *size), "mean": IMAGENET_DEFAULT_MEAN, "std": IMAGENET_DEFAULT_STD,
         "interpolation": "bicubic", "pretrained": pretrained,
     }

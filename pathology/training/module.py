@@ -46,6 +46,7 @@ class TileClassifier(L.LightningModule):
         resolution: str,
         model_name: str = "efficientformer_l1",
         mhsa_blocks: dict[int, int] | None = None,
+        act_layer: str = "gelu",
         img_size: int = 224,
         pretrained: str | None = None,
         drop_path_rate: float = 0.0,
@@ -64,6 +65,7 @@ class TileClassifier(L.LightningModule):
             resolution: what tiles were cut at, ``"10x"`` or ``"0.50mpp"`` (linked from the data).
             model_name: a registered EfficientFormer variant.
             mhsa_blocks: {output stride: MHSA blocks}; None keeps the variant's default.
+            act_layer: the blocks' MLP activation, a timm name (``gelu``, ``relu``, ``hard_swish``, ...).
             img_size: model input edge in pixels (a multiple of 32).
             pretrained: weights file (or hub name) for the backbone; None trains from scratch.
             drop_path_rate: stochastic depth rate.
@@ -82,7 +84,8 @@ class TileClassifier(L.LightningModule):
         self.save_hyperparameters()
         self.resolution = Resolution.parse(resolution)
         self.model = create_model(model_name, mhsa_blocks=mhsa_blocks, num_classes=len(class_names),
-                                  img_size=img_size, pretrained=pretrained, drop_path_rate=drop_path_rate,
+                                  img_size=img_size, pretrained=pretrained, act_layer=act_layer,
+                                  drop_path_rate=drop_path_rate,
                                   layer_scale_init_value=layer_scale_init_value)
         weights = None if class_weights is None else torch.tensor(class_weights, dtype=torch.float32)
         self.register_buffer("loss_weights", weights, persistent=False)
@@ -100,7 +103,7 @@ class TileClassifier(L.LightningModule):
         hp = self.hparams
         mean, std = self.normalization
         return ModelSpec(hp.model_name, dict(self.model.mhsa_blocks), tuple(hp.class_names), hp.img_size,
-                         hp.tile_size, self.resolution, mean, std)
+                         hp.tile_size, self.resolution, mean, std, hp.act_layer)
 
     def setup(self, stage: str) -> None:
         """Sets inverse-frequency loss weights from the training split when ``balanced_loss``."""
