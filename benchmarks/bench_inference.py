@@ -26,7 +26,7 @@ from pathology.checkpoint import ModelSpec
 from pathology.data import TileDataset, eval_transform
 from pathology.inference.predict import RunOptions, predict_tiles
 from pathology.models import create_model
-from pathology.models.optimize import optimize_for_inference
+from pathology.models.optimize import fuse_for_inference
 from wsi_tiling import Resolution, tile_slide
 from wsi_tiling.synthetic import StripesPainter, write_slide
 
@@ -88,7 +88,7 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=3, help="alternating runs per case; the best counts")
     args = parser.parse_args()
     spec = ModelSpec(MODEL, {32: 1}, ("a", "b"), TILE_PX, TILE_PX, Resolution(MPP, "mpp"))
-    model = optimize_for_inference(create_model(MODEL, num_classes=2, img_size=TILE_PX))
+    model = fuse_for_inference(create_model(MODEL, num_classes=2, img_size=TILE_PX))
     print(f"{MODEL} at {TILE_PX} px, batch {args.batch_size}, {args.tiles} tiles, best of {args.repeats}, "
           f"{torch.get_num_threads()} torch threads, {os.cpu_count()} CPUs, "
           f"device {'cuda' if torch.cuda.is_available() else 'cpu'}")

@@ -5,7 +5,7 @@ Every figure is also given as a ratio to timm's ``efficientformer_l1`` as it shi
 then timed in interleaved rounds (one call of each model per round) and each keeps its fastest
 call: on a shared CPU the minimum is the figure least inflated by other processes, and
 interleaving exposes every model to the same load. Ours is
-``optimize_for_inference(create_model(...))``. timm's L1 cannot run at 256 or 512 px (its
+``fuse_for_inference(create_model(...))``. timm's L1 cannot run at 256 or 512 px (its
 attention biases are fixed at 7 x 7); those rows show the error it raises.
 
 Usage::
@@ -29,7 +29,7 @@ from torch import nn
 from tqdm import tqdm
 
 from pathology.atomic import atomic_path
-from pathology.models import create_model, optimize_for_inference
+from pathology.models import create_model, fuse_for_inference
 
 BASELINE_SIZE = 224
 CLOCKS: dict[str, Callable[[], float]] = {"wall": time.perf_counter, "cpu": time.thread_time}
@@ -48,17 +48,17 @@ class Case:
 def _timm(name: str, *, optimized: bool = False) -> Callable[[], nn.Module]:
     def build() -> nn.Module:
         model = timm.create_model(name).eval()
-        return optimize_for_inference(model) if optimized else model
+        return fuse_for_inference(model) if optimized else model
     return build
 
 
 def _ours(name: str, mhsa: dict[int, int] | None, size: int) -> Callable[[], nn.Module]:
-    return lambda: optimize_for_inference(create_model(name, mhsa_blocks=mhsa, img_size=size))
+    return lambda: fuse_for_inference(create_model(name, mhsa_blocks=mhsa, img_size=size))
 
 
 def cases(sizes: list[int]) -> list[Case]:
     """The rows of the table, in print order (the baseline is measured separately)."""
-    rows = [Case("timm efficientformer_l1 + our optimize_for_inference", _timm("efficientformer_l1", optimized=True),
+    rows = [Case("timm efficientformer_l1 + our fuse_for_inference", _timm("efficientformer_l1", optimized=True),
                  BASELINE_SIZE),
             Case("ours L1 {32: 1}, eager (no optimize)",
                  lambda: create_model("efficientformer_l1", img_size=BASELINE_SIZE).eval(), BASELINE_SIZE)]

@@ -37,7 +37,7 @@ from pathology.inference.results import (
     score_column,
     write_run,
 )
-from pathology.models.optimize import optimize_for_inference
+from pathology.models.optimize import fuse_for_inference
 from wsi_tiling import TileReader, WsiTilingError, read_attrs, store_path, tile_slide
 from wsi_tiling.inputs import SlideJob, collect_slides
 
@@ -234,7 +234,7 @@ def infer_slides(checkpoint: str | Path, slides: Sequence[str | Path], out_dir: 
     if any(s.status == STATUS_OK for s in todo):
         dataset = TileDataset(_tile_table(todo), eval_transform(spec.img_size, spec.mean, spec.std))
         start = time.perf_counter()
-        predictions = predict_tiles(optimize_for_inference(model), dataset, out_dir / ".shards", run,
+        predictions = predict_tiles(fuse_for_inference(model), dataset, out_dir / ".shards", run,
                                     extras.embeddings)
         timing["predict"] = time.perf_counter() - start
         if predictions is None:  # a DDP rank other than 0: rank 0 writes the results

@@ -16,7 +16,7 @@ from torch import nn
 from torch.utils.flop_counter import FlopCounterMode
 
 from pathology.models.efficientformer import create_model, list_models
-from pathology.models.optimize import optimize_for_inference
+from pathology.models.optimize import fuse_for_inference
 
 __all__ = ["ModelInfo", "count_macs", "main", "measure", "median_seconds", "parse_mhsa_blocks"]
 
@@ -82,7 +82,7 @@ def count_macs(model: nn.Module, img_size: tuple[int, int]) -> int:
 
 
 def measure(model: nn.Module, img_size: tuple[int, int], *, batch_size: int = 32, repeats: int = 5) -> ModelInfo:
-    """Counts parameters and MACs of ``model``; times its :func:`optimize_for_inference` form on CPU.
+    """Counts parameters and MACs of ``model``; times its :func:`fuse_for_inference` form on CPU.
 
     Args:
         model: the model to describe (left unchanged).
@@ -94,7 +94,7 @@ def measure(model: nn.Module, img_size: tuple[int, int], *, batch_size: int = 32
         The :class:`ModelInfo`.
     """
     params = sum(p.numel() for p in model.parameters())
-    fast = optimize_for_inference(model)
+    fast = fuse_for_inference(model)
     macs = count_macs(fast, img_size)
     batch = torch.randn(batch_size, 3, *img_size)
     latency = median_seconds(fast, batch[:1], repeats)
