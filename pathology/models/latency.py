@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import json
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -108,28 +108,40 @@ def _hooks(handles: list[torch.utils.hooks.RemovableHandle]) -> Iterator[None]:
             handle.remove()
 
 
+class _ActivationClock:
+    """Sums the time spent inside activation modules, per activation name (they never nest)."""
+
+    def __init__(self, names: list[str]) -> None:
+        self.seconds = dict.fromkeys(names, 0.0)
+        self._start = 0.0
+
+    def start(self, *_: object) -> None:
+        self._start = time.perf_counter()
+
+    def stop(self, name: str) -> Callable[..., None]:
+        def hook(*_: object) -> None:
+            self.seconds[name] += time.perf_counter() - self._start
+        return hook
+
+
 def _time_once(model: nn.Module, x: torch.Tensor, activations: dict[str, type[nn.Module]]
                ) -> tuple[list[float], dict[str, float], float]:
     """One timed call: (seconds of each unit then the head, seconds per activation name, total)."""
-    units = _units(model)
     stamps: list[float] = []
-    act_seconds = dict.fromkeys(activations, 0.0)
-    starts: dict[int, float] = {}
-    handles = [module.register_forward_hook(lambda *_: stamps.append(time.perf_counter())) for *_, module in units]
+    clock = _ActivationClock(list(activations))
+    handles = [module.register_forward_hook(lambda *_: stamps.append(time.perf_counter()))
+               for *_, module in _units(model)]
     for module in model.modules():
         for name, kind in activations.items():
             if type(module) is kind:
-                handles.append(module.register_forward_pre_hook(
-                    lambda m, _: starts.__setitem__(id(m), time.perf_counter())))
-                handles.append(module.register_forward_hook(
-                    lambda m, *_, name=name: act_seconds.__setitem__(
-                        name, act_seconds[name] + time.perf_counter() - starts[id(m)])))
+                handles += [module.register_forward_pre_hook(clock.start),
+                            module.register_forward_hook(clock.stop(name))]
     with _hooks(handles), torch.inference_mode():
         start = time.perf_counter()
         model(x)
         end = time.perf_counter()
     times = [b - a for a, b in zip([start, *stamps], [*stamps, end])]
-    return times, act_seconds, end - start
+    return times, clock.seconds, end - start
 
 
 def _median_times(model: nn.Module, x: torch.Tensor, activations: dict[str, type[nn.Module]], repeats: int
@@ -140,6 +152,12 @@ def _median_times(model: nn.Module, x: torch.Tensor, activations: dict[str, type
     units = [median(run[0][i] for run in runs) for i in range(len(runs[0][0]))]
     acts = {name: median(run[1][name] for run in runs) for name in activations}
     return units, acts, median(run[2] for run in runs)
+
+
+def _call_seconds(run: Callable[[torch.Tensor], torch.Tensor], x: torch.Tensor) -> float:
+    start = time.perf_counter()
+    run(x)
+    return time.perf_counter() - start
 
 
 def _macs(model: nn.Module, x: torch.Tensor) -> list[int]:
@@ -188,12 +206,8 @@ def measure_latency(model: nn.Module, img_size: tuple[int, int], *, backend: str
     eager_units, eager_acts, eager_total = _median_times(model, x, activations, repeats)
     fused_units, fused_acts, fused_total = _median_times(fused, x, activations, repeats)
     runner = optimize_for_inference(model, backend=backend, img_size=img_size, cache_dir=cache_dir)
-    runner(x)
-    backend_seconds = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        runner(x)
-        backend_seconds.append(time.perf_counter() - start)
+    runner(x)  # warm-up
+    backend_seconds = [_call_seconds(runner, x) for _ in range(repeats)]
     names = [(name, kind, stride) for name, kind, stride, _ in _units(model)] + [(HEAD, HEAD, STAGE_STRIDES[-1])]
     # shares of the sum of the blocks' medians, so they sum to 1 (the median of the whole differs slightly)
     eager_sum, fused_sum = sum(eager_units), sum(fused_units)
