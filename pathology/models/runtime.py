@@ -20,10 +20,11 @@ from abc import ABC, abstractmethod
 from pathlib import Path
 from types import ModuleType
 
+import numpy as np
 import torch
 from torch import nn
 
-from pathology.models.export import OUTPUT_NAMES, INPUT_NAME, LogitsAndEmbeddings, cached_onnx, model_input_size
+from pathology.models.export import INPUT_NAME, OUTPUT_NAMES, LogitsAndEmbeddings, cached_onnx, model_input_size
 from pathology.models.optimize import fuse_for_inference
 
 __all__ = ["BACKENDS", "CPU_PREFERENCE", "BackendUnavailable", "InferenceRunner", "choose_backend",
@@ -130,7 +131,7 @@ class OpenVinoRunner(InferenceRunner):
         return logits, embeddings
 
 
-def _numpy(images: torch.Tensor) -> "numpy.ndarray":  # noqa: F821 (numpy is torch's dependency)
+def _numpy(images: torch.Tensor) -> np.ndarray:
     return images.detach().to("cpu", torch.float32).contiguous().numpy()
 
 
@@ -202,9 +203,10 @@ def optimize_for_inference(model: nn.Module, *, backend: str = "auto", img_size:
     chosen = choose_backend(backend, device)
     size = img_size or model_input_size(model)
     if chosen == "torch":
-        half = torch.bfloat16 if device.type != "cuda" or torch.cuda.is_bf16_supported() else torch.float16
-        return TorchRunner(model, size, autocast_dtype=half if autocast and device.type == "cuda" else None,
-                           compile_model=compile_model)
+        half = None
+        if autocast and device.type == "cuda":
+            half = torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+        return TorchRunner(model, size, autocast_dtype=half, compile_model=compile_model)
     runtime = _import(chosen)
     path = cached_onnx(model, size, cache_dir, runtime=f"{chosen}{runtime.__version__.split('-')[0]}")
     runner = OnnxRuntimeRunner if chosen == "onnxruntime" else OpenVinoRunner
