@@ -69,7 +69,7 @@ def cohort_csv(path: Path, slides: list[Path], n_slides: int) -> Path:
 
 def model_alone(checkpoint_model: torch.nn.Module, options: RunOptions, img_size: int, n_tiles: int) -> float:
     """Tiles/s of the predictor on in-memory normalised tensors, ``n_tiles`` tiles in batches."""
-    predictor = make_predictor(checkpoint_model, start_devices(options))
+    predictor = make_predictor(checkpoint_model, start_devices(options), backend=options.backend)
     batch = torch.randn(options.batch_size, 3, img_size, img_size)
     n_batches = -(-n_tiles // options.batch_size)
     for _ in range(WARM_UP_BATCHES):

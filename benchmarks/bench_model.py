@@ -1,23 +1,34 @@
-"""CPU throughput and latency of our EfficientFormer against timm's, measured in one process.
+"""CPU speed of every inference backend of our EfficientFormer against timm's, in one process.
 
-Every figure is also given as a ratio to timm's ``efficientformer_l1`` as it ships (eval mode,
-``inference_mode``, NCHW input) at 224 px, measured in the same run. All models are built first,
-then timed in interleaved rounds (one call of each model per round) and each keeps its fastest
-call: on a shared CPU the minimum is the figure least inflated by other processes, and
-interleaving exposes every model to the same load. Ours is
-``optimize_for_inference(create_model(...))``. timm's L1 cannot run at 256 or 512 px (its
-attention biases are fixed at 7 x 7); those rows show the error it raises.
+One table at 224 px: timm's ``efficientformer_l1`` eager (the baseline), ONNX Runtime on timm's
+L1 exported to ONNX (the best a user gets without this toolkit), and our L1 ``{32: 1}`` eager and
+through every backend of :func:`pathology.models.optimize_for_inference` (``torch`` fused,
+``torch`` fused + ``torch.compile``, ``onnxruntime``, ``openvino`` when installed), in images/s
+at ``--batch-size`` and ms at batch 1. The measured fp32 matmul peak (a 2048² ``torch.matmul``)
+gives each model's FLOP limit, ``peak / (2 × MACs per image)`` img/s, and each figure's fraction
+of it. Goals for the default (``auto``) backend: ≥ 1.0× ONNX Runtime on timm's L1, ≥ 4× timm eager,
+≥ 0.6 of the FLOP limit (the ratios printed under the table; all from this one run).
+
+A second table: what attention at /16 costs, ``{32: 1}`` against ``{16: 2, 32: 1}`` through the
+default backend at every ``--sizes`` px (timm's L1 cannot run other than 224 px).
+
+All runners are built first (ONNX graphs exported into ``--cache-dir``), then timed in
+interleaved rounds (one call of each per round), each keeping its fastest call: on a shared CPU
+the minimum is the figure least inflated by other processes, and interleaving exposes every
+runner to the same load.
 
 Usage::
 
-    python benchmarks/bench_model.py                       # the full table, batch 32
-    python benchmarks/bench_model.py --batch-size 8 --rounds 3 --out table.md
-    python benchmarks/bench_model.py --clock cpu     # on a machine other processes are using
+    python benchmarks/bench_model.py                                  # the full tables, batch 32
+    python benchmarks/bench_model.py --batch-size 2 --rounds 1 --sizes 224 --skip-compile   # smoke test
+    python benchmarks/bench_model.py --clock cpu     # 1 thread, process CPU time: a machine others use
 """
 from __future__ import annotations
 
 import argparse
+import os
 import platform
+import tempfile
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -30,66 +41,102 @@ from tqdm import tqdm
 
 from pathology.atomic import atomic_path
 from pathology.models import create_model, optimize_for_inference
+from pathology.models.info import count_macs
+from pathology.models.runtime import BACKENDS, choose_backend
 
 BASELINE_SIZE = 224
-CLOCKS: dict[str, Callable[[], float]] = {"wall": time.perf_counter, "cpu": time.thread_time}
-WARMUP_CALLS = 2  # oneDNN builds its kernels for each new input shape on the first call
+MATMUL_N = 2048  # edge of the square fp32 matmul that measures the peak
+MATMUL_RUNS = 5
+FLOPS_PER_MAC = 2
+CLOCKS: dict[str, Callable[[], float]] = {"wall": time.perf_counter, "cpu": time.process_time}
+WARMUP_CALLS = 2  # oneDNN and the runtimes build their kernels for each new input shape on the first call
+GOALS = {"× ONNX Runtime on timm L1": 1.0, "× timm eager": 4.0, "fraction of FLOP limit": 0.6}
 
 
 @dataclass(frozen=True)
-class Case:
-    """One row: a label, how to build the model, and the input edge in px."""
+class Row:
+    """One timed runner: a label, the backend, the input edge in px, MACs per image, and the callable."""
 
     label: str
-    build: Callable[[], nn.Module]
+    backend: str
     img_size: int
+    macs: int
+    run: Callable[[torch.Tensor], torch.Tensor]
 
 
-def _timm(name: str, *, optimized: bool = False) -> Callable[[], nn.Module]:
-    def build() -> nn.Module:
-        model = timm.create_model(name).eval()
-        return optimize_for_inference(model) if optimized else model
-    return build
+def _eager(model: nn.Module) -> Callable[[torch.Tensor], torch.Tensor]:
+    model.eval()
+
+    def run(x: torch.Tensor) -> torch.Tensor:
+        with torch.inference_mode():
+            return model(x)
+    return run
 
 
-def _ours(name: str, mhsa: dict[int, int] | None, size: int) -> Callable[[], nn.Module]:
-    return lambda: optimize_for_inference(create_model(name, mhsa_blocks=mhsa, img_size=size))
+def _ours(mhsa: dict[int, int], size: int) -> nn.Module:
+    torch.manual_seed(0)
+    return create_model("efficientformer_l1", mhsa_blocks=mhsa, img_size=size).eval()
 
 
-def cases(sizes: list[int]) -> list[Case]:
-    """The rows of the table, in print order (the baseline is measured separately)."""
-    rows = [Case("timm efficientformer_l1 + our optimize_for_inference", _timm("efficientformer_l1", optimized=True),
-                 BASELINE_SIZE),
-            Case("ours L1 {32: 1}, eager (no optimize)",
-                 lambda: create_model("efficientformer_l1", img_size=BASELINE_SIZE).eval(), BASELINE_SIZE)]
-    for size in sizes:
-        rows.append(Case("ours L1 {32: 1}", _ours("efficientformer_l1", {32: 1}, size), size))
-        rows.append(Case("ours L1 {16: 2, 32: 1}", _ours("efficientformer_l1", {16: 2, 32: 1}, size), size))
-    rows += [Case("ours L3 {32: 4}", _ours("efficientformer_l3", None, BASELINE_SIZE), BASELINE_SIZE),
-             Case("ours L7 {32: 8}", _ours("efficientformer_l7", None, BASELINE_SIZE), BASELINE_SIZE),
-             Case("timm resnet50", _timm("resnet50"), BASELINE_SIZE),
-             Case("timm mobilenetv3_large_100", _timm("mobilenetv3_large_100"), BASELINE_SIZE)]
+def main_rows(cache_dir: Path, compile_model: bool) -> list[Row]:
+    """Table 1: the baselines, then our L1 eager and through every installed backend, at 224 px."""
+    timm_l1 = timm.create_model("efficientformer_l1").eval()
+    timm_macs = count_macs(timm_l1, (BASELINE_SIZE, BASELINE_SIZE))
+    ours = _ours({32: 1}, BASELINE_SIZE)
+    macs = count_macs(ours, (BASELINE_SIZE, BASELINE_SIZE))
+    rows = [Row("timm efficientformer_l1 eager", "torch eager", BASELINE_SIZE, timm_macs, _eager(timm_l1)),
+            Row("timm efficientformer_l1 → ONNX", "onnxruntime", BASELINE_SIZE, timm_macs,
+                optimize_for_inference(timm_l1, backend="onnxruntime", cache_dir=cache_dir)),
+            Row("ours L1 {32: 1} eager", "torch eager", BASELINE_SIZE, macs, _eager(ours))]
+    for backend in BACKENDS:
+        try:
+            runner = optimize_for_inference(ours, backend=backend, cache_dir=cache_dir)
+        except ImportError as err:
+            print(f"skipping backend {backend}: {err}")
+            continue
+        rows.append(Row("ours L1 {32: 1}", backend, BASELINE_SIZE, macs, runner))
+        if backend == "torch" and compile_model:
+            rows.append(Row("ours L1 {32: 1}", "torch + compile", BASELINE_SIZE, macs,
+                            optimize_for_inference(ours, backend="torch", compile_model=True)))
     return rows
 
 
-def _seconds(model: nn.Module, x: torch.Tensor, clock: Callable[[], float]) -> float:
-    start = clock()
-    model(x)
-    return clock() - start
+def attention_rows(sizes: list[int], cache_dir: Path) -> list[Row]:
+    """Table 2: ``{32: 1}`` and ``{16: 2, 32: 1}`` through the default backend at every size."""
+    rows = []
+    for size in sizes:
+        for mhsa in ({32: 1}, {16: 2, 32: 1}):
+            model = _ours(mhsa, size)
+            runner = optimize_for_inference(model, cache_dir=cache_dir)
+            rows.append(Row(f"ours L1 {mhsa}", runner.backend, size, count_macs(model, (size, size)), runner))
+    return rows
 
 
-def fastest_times(models: list[nn.Module], inputs: list[torch.Tensor], rounds: int,
-                  clock: Callable[[], float] = time.perf_counter) -> list[float]:
-    """Fastest of ``rounds`` interleaved calls ``models[i](inputs[i])``, in ``clock`` seconds, after warm-up."""
-    best = [float("inf")] * len(models)
-    with torch.inference_mode():
-        for model, x in zip(models, inputs):
-            for _ in range(WARMUP_CALLS):
-                model(x)
-        for _ in tqdm(range(rounds), desc="rounds"):
-            for i, (model, x) in enumerate(zip(models, inputs)):
-                best[i] = min(best[i], _seconds(model, x, clock))
+def fastest_times(rows: list[Row], batch_size: int, rounds: int, clock: Callable[[], float]) -> list[float]:
+    """Fastest of ``rounds`` interleaved calls of each row on a ``batch_size`` batch, in ``clock`` seconds."""
+    inputs = [torch.randn(batch_size, 3, row.img_size, row.img_size) for row in rows]
+    for row, x in zip(rows, inputs):
+        for _ in range(WARMUP_CALLS):
+            row.run(x)
+    best = [float("inf")] * len(rows)
+    for _ in tqdm(range(rounds), desc=f"rounds at batch {batch_size}"):
+        for i, (row, x) in enumerate(zip(rows, inputs)):
+            start = clock()
+            row.run(x)
+            best[i] = min(best[i], clock() - start)
     return best
+
+
+def matmul_peak_flops(clock: Callable[[], float]) -> float:
+    """fp32 FLOP/s of the fastest of a few ``MATMUL_N``² matmuls with torch's current threads."""
+    a, b = torch.randn(MATMUL_N, MATMUL_N), torch.randn(MATMUL_N, MATMUL_N)
+    torch.matmul(a, b)
+    best = float("inf")
+    for _ in range(MATMUL_RUNS):
+        start = clock()
+        torch.matmul(a, b)
+        best = min(best, clock() - start)
+    return 2 * MATMUL_N**3 / best
 
 
 def _cpu_name() -> str:
@@ -101,62 +148,77 @@ def _cpu_name() -> str:
     return platform.processor() or platform.machine()
 
 
-def _timm_l1_outcome(size: int) -> str:
-    """What timm's shipped L1 does with a ``size`` px input: "runs" or the error it raises."""
-    try:
-        with torch.inference_mode():
-            timm.create_model("efficientformer_l1").eval()(torch.zeros(1, 3, size, size))
-    except RuntimeError as err:
-        return f"fails: {str(err).splitlines()[0][:60]}"
-    return "runs"
+def format_main(rows: list[Row], latency: list[float], rate: list[float], peak: float, default: str) -> str:
+    """Table 1 and the goal ratios; ratios are to rows 0 (timm eager) and 1 (ONNX Runtime on timm's L1)."""
+    lines = ["| model | backend | latency b=1 (ms) | img/s | × timm eager | × ONNX Runtime on timm L1 | "
+             "FLOP limit (img/s) | fraction of FLOP limit |", "|---|---|---|---|---|---|---|---|"]
+    for row, seconds, images_per_s in zip(rows, latency, rate):
+        limit = peak / (FLOPS_PER_MAC * row.macs)
+        backend = f"**{row.backend}** (default)" if row.backend == default and row.label.startswith("ours") \
+            else row.backend
+        lines.append(f"| {row.label} | {backend} | {seconds * 1e3:.1f} | {images_per_s:.1f} | "
+                     f"{images_per_s / rate[0]:.2f} | {images_per_s / rate[1]:.2f} | {limit:.1f} | "
+                     f"{images_per_s / limit:.2f} |")
+    default_row = next(i for i, row in enumerate(rows) if row.backend == default and row.label.startswith("ours"))
+    achieved = {"× ONNX Runtime on timm L1": rate[default_row] / rate[1], "× timm eager": rate[default_row] / rate[0],
+                "fraction of FLOP limit": rate[default_row] * FLOPS_PER_MAC * rows[default_row].macs / peak}
+    lines.append("")
+    lines += [f"default ({default}): {value:.2f} {name} (goal ≥ {GOALS[name]}: {'met' if value >= GOALS[name] else 'NOT met'})"
+              for name, value in achieved.items()]
+    return "\n".join(lines)
 
 
-def format_table(header: str, rows: list[Case], latency: list[float], throughput: list[float],
-                 sizes: list[int]) -> str:
-    """Markdown table; ratios are to ``rows[0]`` (timm's shipped L1 at 224 px)."""
-    lines = [header, "", "| model | input px | latency b=1 (ms) | throughput (img/s) | "
-             "× timm L1 (latency) | × timm L1 (throughput) |", "|---|---|---|---|---|---|"]
-    for case, seconds, rate in zip(rows, latency, throughput):
-        lines.append(f"| {case.label} | {case.img_size} | {seconds * 1e3:.1f} | {rate:.1f} | "
-                     f"{latency[0] / seconds:.2f} | {rate / throughput[0]:.2f} |")
-    for size in sizes:
-        if size != BASELINE_SIZE:
-            outcome = _timm_l1_outcome(size)
-            lines.append(f"| timm efficientformer_l1 as shipped | {size} | {outcome} | – | – | – |")
+def format_attention(rows: list[Row], latency: list[float], rate: list[float]) -> str:
+    """Table 2: per size, both placements and the time ratio ``{16: 2, 32: 1}`` / ``{32: 1}`` at the batch."""
+    lines = ["| input px | backend | GMACs {32: 1} | GMACs {16: 2, 32: 1} | img/s {32: 1} | img/s {16: 2, 32: 1} | "
+             "latency b=1 ms {32: 1} / {16: 2, 32: 1} | time ratio |", "|---|---|---|---|---|---|---|---|"]
+    for i in range(0, len(rows), 2):
+        one, two = rows[i], rows[i + 1]
+        lines.append(f"| {one.img_size} | {one.backend} | {one.macs / 1e9:.2f} | {two.macs / 1e9:.2f} | "
+                     f"{rate[i]:.1f} | {rate[i + 1]:.1f} | {latency[i] * 1e3:.1f} / {latency[i + 1] * 1e3:.1f} | "
+                     f"{rate[i] / rate[i + 1]:.2f} |")
     return "\n".join(lines)
 
 
 def main(argv: list[str] | None = None) -> int:
-    """Measures every row and prints (and optionally writes) a Markdown table."""
+    """Builds every runner, times them, prints (and optionally writes) the two Markdown tables."""
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--batch-size", type=int, default=32)
     parser.add_argument("--rounds", type=int, default=8, help="timed calls per figure (fastest kept)")
-    parser.add_argument("--sizes", type=int, nargs="+", default=[224, 256, 512])
+    parser.add_argument("--sizes", type=int, nargs="+", default=[224, 256, 512], help="px, for the attention table")
     parser.add_argument("--threads", type=int, default=None)
     parser.add_argument("--clock", choices=sorted(CLOCKS), default="wall",
-                        help="wall: elapsed time; cpu: this thread's CPU time with 1 torch thread, which other "
-                             "processes on a shared machine barely disturb")
-    parser.add_argument("--out", type=Path, default=None, help="also write the table here (Markdown)")
+                        help="wall: elapsed time; cpu: the process's CPU time with 1 thread everywhere, which "
+                             "other processes on a shared machine barely disturb")
+    parser.add_argument("--skip-compile", action="store_true", help="leave out the torch.compile row (slow to build)")
+    parser.add_argument("--cache-dir", type=Path, default=None, help="ONNX graphs (default: a temporary folder)")
+    parser.add_argument("--out", type=Path, default=None, help="also write the tables here (Markdown)")
     args = parser.parse_args(argv)
     if args.threads or args.clock == "cpu":
         torch.set_num_threads(1 if args.clock == "cpu" else args.threads)
-    torch.manual_seed(0)
-    rows = [Case("timm efficientformer_l1 as shipped", _timm("efficientformer_l1"), BASELINE_SIZE),
-            *cases(args.sizes)]
-    models = [case.build() for case in tqdm(rows, desc="building")]
-    singles = [torch.randn(1, 3, case.img_size, case.img_size) for case in rows]
-    batches = [torch.randn(args.batch_size, 3, case.img_size, case.img_size) for case in rows]
     clock = CLOCKS[args.clock]
-    latency = fastest_times(models, singles, args.rounds, clock)
-    throughput = [args.batch_size / t for t in fastest_times(models, batches, args.rounds, clock)]
-    header = (f"CPU: {_cpu_name()}, {torch.get_num_threads()} torch threads, torch {torch.__version__}, "
-              f"timm {timm.__version__}; latency at batch 1, throughput at batch {args.batch_size}; "
-              f"fastest of {args.rounds} interleaved rounds; {args.clock} clock")
-    table = format_table(header, rows, latency, throughput, args.sizes)
-    print(table)
+    load_before = os.getloadavg()[0]
+    with tempfile.TemporaryDirectory() as scratch:
+        cache_dir = args.cache_dir or Path(scratch)
+        main_table = main_rows(cache_dir, compile_model=not args.skip_compile)
+        attention = attention_rows(args.sizes, cache_dir)
+        rows = main_table + attention
+        latency = fastest_times(rows, 1, args.rounds, clock)
+        rate = [args.batch_size / t for t in fastest_times(rows, args.batch_size, args.rounds, clock)]
+    peak = matmul_peak_flops(clock)
+    default = choose_backend("auto", torch.device("cpu"))
+    n = len(main_table)
+    header = (f"CPU: {_cpu_name()} ({os.cpu_count()} logical cores), {torch.get_num_threads()} threads, "
+              f"torch {torch.__version__}, timm {timm.__version__}; img/s at batch {args.batch_size}, latency at "
+              f"batch 1; fastest of {args.rounds} interleaved rounds; {args.clock} clock; fp32 matmul peak "
+              f"{peak / 1e9:.0f} GFLOP/s ({MATMUL_N}² torch.matmul); load average before the run "
+              f"{load_before:.1f}")
+    text = "\n\n".join([header, format_main(main_table, latency[:n], rate[:n], peak, default),
+                        "Attention at /16:", format_attention(attention, latency[n:], rate[n:])])
+    print(text)
     if args.out:
         with atomic_path(args.out) as tmp:
-            tmp.write_text(table + "\n")
+            tmp.write_text(text + "\n")
     return 0
 
 

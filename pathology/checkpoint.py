@@ -29,6 +29,7 @@ SPEC_KEY = "pathology_spec"
 STATE_PREFIX = "model."
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
+DEFAULT_ACT_LAYER = "gelu"  # what checkpoints written before act_layer was recorded used
 
 log = logging.getLogger(__name__)
 
@@ -49,6 +50,7 @@ class ModelSpec:
         tile_mpp: the µm/px the training tiles were delivered at (median over their tile stores);
             None when unknown (image tiles, or a checkpoint older than this field).
         tile_mpp_spread: (max - min) / median of the stores' delivered µm/px; None when unknown.
+        act_layer: the MLPs' activation, a timm name (``gelu``, ``relu``, ``hard_swish``, ...).
     """
 
     model_name: str
@@ -61,6 +63,7 @@ class ModelSpec:
     std: tuple[float, float, float] = IMAGENET_STD
     tile_mpp: float | None = None
     tile_mpp_spread: float | None = None
+    act_layer: str = DEFAULT_ACT_LAYER
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "mhsa_blocks", MhsaBlocks.parse(self.mhsa_blocks))  # a plain dict is accepted
@@ -80,6 +83,10 @@ class ModelSpec:
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> ModelSpec:
+        """The spec from :meth:`to_dict`'s plain types; fields older checkpoints lack get defaults."""
+        if "act_layer" not in data:
+            log.warning("checkpoint spec has no act_layer (written before it was recorded); using %r",
+                        DEFAULT_ACT_LAYER)
         return cls(
             model_name=data["model_name"],
             mhsa_blocks=MhsaBlocks.parse(data["mhsa_blocks"]),  # int keys; str keys in JSON copies
@@ -91,6 +98,7 @@ class ModelSpec:
             std=tuple(data["std"]),
             tile_mpp=_optional_float(data.get("tile_mpp")),
             tile_mpp_spread=_optional_float(data.get("tile_mpp_spread")),
+            act_layer=data.get("act_layer", DEFAULT_ACT_LAYER),
         )
 
 
@@ -134,7 +142,7 @@ def load_inference_model(path: str | Path) -> tuple[nn.Module, ModelSpec]:
     """
     state, spec = load_checkpoint(path)
     model = create_model(spec.model_name, mhsa_blocks=spec.mhsa_blocks, num_classes=spec.num_classes,
-                         img_size=spec.img_size)
+                         img_size=spec.img_size, act_layer=spec.act_layer)
     try:
         model.load_state_dict(state, strict=True)
     except RuntimeError as err:

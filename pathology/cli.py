@@ -10,6 +10,7 @@ import sys
 
 COMMANDS: dict[str, tuple[str, str]] = {
     "model-info": ("pathology.models.info", "parameters, MACs and measured latency of a model"),
+    "export": ("pathology.export", "write a checkpoint's model as an ONNX graph (dynamic batch, spec as metadata)"),
     "train": ("pathology.training.cli", "fine-tune a tile classifier (LightningCLI, YAML config)"),
     "predict-tiles": ("pathology.training.predict_tiles", "per-class probabilities for a set of tile images"),
     "infer": ("pathology.inference.infer", "tile slides, predict tiles, aggregate into slide predictions"),

@@ -33,7 +33,14 @@ from pathology.checkpoint import CheckpointError, ModelSpec, load_inference_mode
 from pathology.inference.aggregate import DEFAULT_AGGREGATIONS, Aggregation, aggregate_all, parse_aggregation
 from pathology.inference.calibrate import Calibration, calibration_path, decide, temper
 from pathology.inference.outputs import FEATURES_DIR, Extras, write_extras, write_features, write_slide_predictions
-from pathology.inference.predict import Predictor, RunOptions, make_predictor, start_devices
+from pathology.inference.predict import (
+    RUNNER_ERRORS,
+    Predictor,
+    RunOptions,
+    add_backend_option,
+    make_predictor,
+    start_devices,
+)
 from pathology.inference.records import SlideRecord, finished, read_record, run_key, weights_hash, write_record
 from pathology.inference.results import (
     CALIBRATED,
@@ -192,7 +199,8 @@ def _summary(checkpoint: Path, checkpoint_hash: str, setup: _Setup, table: pd.Da
     return {
         "checkpoint": str(checkpoint), "checkpoint_hash": checkpoint_hash, "model_name": spec.model_name,
         "mhsa_blocks": spec.mhsa_blocks, "class_names": list(spec.class_names), "resolution": str(spec.resolution),
-        "tile_size": spec.tile_size, "img_size": spec.img_size, "aggregations": [str(a) for a in aggregations],
+        "tile_size": spec.tile_size, "img_size": spec.img_size, "backend": setup.predictor.runner.backend,
+        "aggregations": [str(a) for a in aggregations],
         "label_aggregation": str(aggregations[0]) if calibration is None else CALIBRATED,
         "calibration": None if calibration is None else asdict(calibration),
         "counts": {str(k): int(v) for k, v in table["status"].value_counts().sort_index().items()},
@@ -251,7 +259,8 @@ def infer_slides(checkpoint: str | Path, slides: Sequence[str | Path], out_dir: 
     settings = _settings(methods, loaded, min_tissue, extras, run.precision)
     keys = {job.slide_id: run_key(checkpoint_hash, settings, job.slide_path, job.mpp) for job in jobs}
     fabric = start_devices(run)
-    setup = _Setup(out_dir, spec, tuple(methods), loaded, extras, make_predictor(model, fabric, extras.embeddings))
+    setup = _Setup(out_dir, spec, tuple(methods), loaded, extras, make_predictor(model, fabric, extras.embeddings, run.backend,
+                                                                                  checkpoint.parent))
     tiling = {"tiles_dir": Path(tiles_dir) if tiles_dir else out_dir / "tiles", "min_tissue": min_tissue}
     share = jobs[fabric.global_rank::fabric.world_size]
     try:
@@ -294,6 +303,7 @@ def _parser() -> argparse.ArgumentParser:
     run.add_argument("--num-nodes", type=int, default=RunOptions.num_nodes)
     run.add_argument("--strategy", default=RunOptions.strategy, help="e.g. ddp")
     run.add_argument("--precision", default=RunOptions.precision, help="e.g. bf16-mixed on GPUs")
+    add_backend_option(run)
     run.add_argument("--shard", type=parse_shard, metavar="I/N",
                      help="predict only shard I of N (0 <= I < N) of the slides, e.g. for job arrays")
     run.add_argument("-v", "--verbose", action="store_true", help="a log line per slide")
@@ -317,7 +327,7 @@ def main(argv: list[str]) -> int:
         logging.getLogger(name).setLevel(logging.WARNING)
     devices = int(args.devices) if str(args.devices).isdigit() else args.devices
     run = RunOptions(args.batch_size, args.num_workers, args.accelerator, devices, args.strategy,
-                     args.precision, args.num_nodes)
+                     args.precision, args.num_nodes, backend=args.backend)
     extras = Extras(args.embeddings, args.heatmaps, args.geojson, args.gallery)
     calibration = None if args.calibration == "none" else args.calibration
     aggregations = [a for text in args.aggregation for a in text.split(",") if a] if args.aggregation \
@@ -326,7 +336,7 @@ def main(argv: list[str]) -> int:
         table = infer_slides(args.checkpoint, args.slides, args.out, aggregations=aggregations,
                              tiles_dir=args.tiles_dir, min_tissue=args.min_tissue, slide_mpp=args.slide_mpp,
                              calibration=calibration, run=run, extras=extras, shard_spec=args.shard)
-    except (CheckpointError, ValueError) as error:
+    except (CheckpointError, ValueError, *RUNNER_ERRORS) as error:
         print(f"pathology infer: {error}", file=sys.stderr)
         return 1
     if table is None:

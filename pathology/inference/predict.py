@@ -1,20 +1,24 @@
 """Tile probabilities (and embeddings) from a classifier: the one prediction path of the project.
 
 ``pathology predict-tiles`` (a folder or CSV of tile images) and ``pathology infer`` (slides,
-streamed one at a time) both go through a :class:`Predictor`: the model in its optimised eval
-form on this process's device, called under the run's precision with ``torch.inference_mode``.
+streamed one at a time) both go through a :class:`Predictor`: the model in its fastest form on
+this process's device (:func:`~pathology.models.optimize_for_inference`: ONNX Runtime on a CPU
+by default, the fused torch model on a GPU; ``--backend`` forces one), called under the run's
+precision.
 Devices come from Lightning Fabric, which launches one process per device for DDP and gives
 each its rank; no Trainer, so no banners and no inner progress bars. :meth:`Predictor.predict`
 is the only place the model is called.
 """
 from __future__ import annotations
 
+import argparse
 import contextlib
 import logging
 import os
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from datetime import timedelta
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -24,10 +28,11 @@ from torch import nn
 from torch.utils.data import DataLoader, Dataset
 from tqdm import tqdm
 
-from pathology.models.optimize import optimize_for_inference
+from pathology.models.export import ExportError
+from pathology.models.runtime import BACKENDS, BackendUnavailable, InferenceRunner, optimize_for_inference
 
-__all__ = ["RunOptions", "TilePredictions", "Predictor", "start_devices", "make_predictor", "batches",
-           "predict_tiles"]
+__all__ = ["RunOptions", "TilePredictions", "Predictor", "RUNNER_ERRORS", "add_backend_option", "start_devices",
+           "make_predictor", "batches", "predict_tiles"]
 
 log = logging.getLogger(__name__)
 
@@ -37,6 +42,8 @@ DEFAULT_WORKERS = min(4, max(0, (os.cpu_count() or 1) - 2))
 # Ranks wait for each other only at the end of a run; slides differ in size, so a rank may
 # finish its share hours before the last one (gloo/NCCL default: 30 minutes).
 RANK_WAIT = timedelta(days=7)
+# What making the runner can raise for a run-wide reason (a CLI's one-line error, before any slide)
+RUNNER_ERRORS = (BackendUnavailable, ExportError)
 
 
 @dataclass(frozen=True)
@@ -53,6 +60,8 @@ class RunOptions:
         precision: ``32-true``, or e.g. ``bf16-mixed`` / ``16-mixed`` on GPUs.
         num_nodes: machines taking part.
         progress_bar: show the progress bar (over slides, or over batches of tile images).
+        backend: what runs the model: ``auto`` (the fastest installed for the device), ``torch``,
+            ``onnxruntime`` or ``openvino`` (see :func:`~pathology.models.optimize_for_inference`).
     """
 
     batch_size: int = 64
@@ -63,6 +72,7 @@ class RunOptions:
     precision: str = "32-true"
     num_nodes: int = 1
     progress_bar: bool = True
+    backend: str = "auto"
 
 
 @dataclass(frozen=True)
@@ -83,14 +93,12 @@ class Predictor:
     """A classifier on this process's device, called under the run's precision.
 
     Attributes:
-        model: the classifier in its optimised eval form, on ``device``.
-        device: where batches go.
+        runner: the classifier in its fastest form (:func:`~pathology.models.optimize_for_inference`).
         autocast: the precision context (Fabric's), entered around every forward pass.
         embeddings: also return the pooled features.
     """
 
-    model: nn.Module
-    device: torch.device
+    runner: InferenceRunner
     autocast: Callable[[], contextlib.AbstractContextManager] = field(default=contextlib.nullcontext)
     embeddings: bool = False
 
@@ -101,12 +109,16 @@ class Predictor:
         Args:
             images: (B, 3, H, W) normalised float tiles, on any device.
         """
-        images = images.to(self.device, non_blocking=True).contiguous(memory_format=torch.channels_last)
         with self.autocast():
-            features = self.model.forward_features(images)
-            probs = self.model.forward_head(features).float().softmax(dim=1)
-            pooled = self.model.forward_head(features, pre_logits=True).float() if self.embeddings else None
-        return probs.cpu().numpy(), None if pooled is None else pooled.cpu().numpy()
+            logits, pooled = self.runner.logits_and_embeddings(images)
+        probs = logits.float().softmax(dim=1).cpu().numpy()
+        return probs, pooled.float().cpu().numpy() if self.embeddings else None
+
+
+def add_backend_option(parser: argparse.ArgumentParser | argparse._ArgumentGroup) -> None:
+    """``--backend``, shared by ``pathology infer`` and ``pathology predict-tiles``."""
+    parser.add_argument("--backend", choices=("auto", *BACKENDS), default=RunOptions.backend,
+                        help="what runs the model (auto: ONNX Runtime on a CPU, torch on a GPU)")
 
 
 def start_devices(options: RunOptions) -> Fabric:
@@ -121,10 +133,26 @@ def start_devices(options: RunOptions) -> Fabric:
     return fabric
 
 
-def make_predictor(model: nn.Module, fabric: Fabric, embeddings: bool = False) -> Predictor:
-    """The model in its optimised eval form on ``fabric``'s device, with its precision."""
-    optimised = optimize_for_inference(model).to(fabric.device)
-    return Predictor(optimised, fabric.device, fabric.autocast, embeddings)
+def make_predictor(model: nn.Module, fabric: Fabric, embeddings: bool = False, backend: str = "auto",
+                   cache_dir: Path | None = None) -> Predictor:
+    """The model in its fastest form on ``fabric``'s device, with its precision.
+
+    Args:
+        model: the classifier (left unchanged).
+        fabric: from :func:`start_devices`.
+        embeddings: also return the pooled features.
+        backend: see :attr:`RunOptions.backend`.
+        cache_dir: where an exported graph is kept (the checkpoint's folder); None, or a folder
+            this process cannot write: the user cache.
+
+    Raises:
+        BackendUnavailable: a forced backend whose package is not installed.
+        ExportError: the ONNX export failed.
+    """
+    writable = cache_dir is not None and os.access(cache_dir, os.W_OK)
+    runner = optimize_for_inference(model.to(fabric.device).eval(), backend=backend,
+                                    cache_dir=cache_dir if writable else None, autocast=False)
+    return Predictor(runner, fabric.autocast, embeddings)
 
 
 def batches(dataset: Dataset, batch_size: int, num_workers: int) -> Iterator[torch.Tensor]:

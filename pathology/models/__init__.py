@@ -2,15 +2,18 @@
 from pathology.models.checkpoint import LoadReport, filter_state_dict, load_pretrained, transfer_attention_biases
 from pathology.models.mhsa import MhsaBlocks
 from pathology.models.efficientformer import MODEL_CONFIGS, EfficientFormer, create_model, list_models
-from pathology.models.optimize import optimize_for_inference
+from pathology.models.optimize import fuse_for_inference
+from pathology.models.runtime import InferenceRunner, optimize_for_inference
 
 __all__ = [
     "MODEL_CONFIGS",
     "EfficientFormer",
+    "InferenceRunner",
     "LoadReport",
     "MhsaBlocks",
     "create_model",
     "filter_state_dict",
+    "fuse_for_inference",
     "list_models",
     "load_pretrained",
     "optimize_for_inference",

@@ -17,10 +17,11 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
-from timm.layers import LayerNorm2d, to_2tuple, trunc_normal_
+from timm.layers import LayerNorm2d, get_act_layer, to_2tuple, trunc_normal_
 from timm.models._manipulate import checkpoint_seq
 from timm.models.efficientformer import Attention, Downsample, MetaBlock1d, MetaBlock2d, Stem4
 from torch import nn
@@ -29,6 +30,12 @@ from pathology.models.checkpoint import load_pretrained
 from pathology.models.mhsa import STAGE_STRIDES, MhsaBlocks
 
 MAX_STRIDE = STAGE_STRIDES[-1]
+# timm activation names whose layer has no weights and exports to ONNX (timm's ``hard_mish`` is a custom
+# autograd function, ``prelu`` has weights that pretrained files lack)
+ACT_LAYERS: tuple[str, ...] = ("gelu", "gelu_tanh", "quick_gelu", "relu", "relu6", "leaky_relu", "hard_swish",
+                               "silu", "mish", "elu", "selu", "celu")
+DEFAULT_ACT_LAYER = "gelu"  # the paper's and timm's
+FINAL_NORM_EPS = 1e-5  # timm's final ``nn.LayerNorm`` default (LayerNorm2d's own default, 1e-6, is not timm's function)
 
 
 @dataclass(frozen=True)
@@ -57,6 +64,17 @@ MODEL_CONFIGS: dict[str, VariantConfig] = {
 }
 
 
+def resolve_act_layer(name: str) -> type[nn.Module]:
+    """timm's activation layer class for ``name`` (one of :data:`ACT_LAYERS`).
+
+    Raises:
+        ValueError: a name not in :data:`ACT_LAYERS`; the message lists them.
+    """
+    if name not in ACT_LAYERS:
+        raise ValueError(f"act_layer {name!r} is not one of {', '.join(ACT_LAYERS)}")
+    return get_act_layer(name)
+
+
 def token_grid(img_size: tuple[int, int], stride: int) -> tuple[int, int]:
     """Token grid ``(rows, cols)`` of a stage with output ``stride`` for an ``(H, W)`` input in px."""
     return img_size[0] // stride, img_size[1] // stride
@@ -68,7 +86,7 @@ class MhsaBlock(MetaBlock1d):
     Takes and returns ``(B, N, C)`` tokens, N = rows * cols of ``grid``.
     """
 
-    def __init__(self, dim: int, grid: tuple[int, int], **kwargs: float) -> None:
+    def __init__(self, dim: int, grid: tuple[int, int], **kwargs: Any) -> None:
         super().__init__(dim, **kwargs)
         self.token_mixer = Attention(dim, resolution=grid)
 
@@ -85,6 +103,7 @@ class EfficientFormerStage(nn.Module):
         n_mhsa: int,
         grid: tuple[int, int],
         downsample: bool,
+        act_layer: type[nn.Module],
         drop_path: list[float],
         layer_scale_init_value: float,
         proj_drop: float,
@@ -94,7 +113,7 @@ class EfficientFormerStage(nn.Module):
         self.grid = grid
         self.n_pool, self.n_mhsa = n_pool, n_mhsa
         self.downsample = Downsample(dim_in, dim) if downsample else nn.Identity()
-        common = dict(layer_scale_init_value=layer_scale_init_value, proj_drop=proj_drop)
+        common = dict(act_layer=act_layer, layer_scale_init_value=layer_scale_init_value, proj_drop=proj_drop)
         pool = [MetaBlock2d(dim, drop_path=drop_path[i], **common) for i in range(n_pool)]
         mhsa = [MhsaBlock(dim, grid, drop_path=drop_path[n_pool + i], **common) for i in range(n_mhsa)]
         self.blocks = nn.Sequential(*pool, *mhsa)
@@ -123,6 +142,8 @@ class EfficientFormerStage(nn.Module):
 class EfficientFormer(nn.Module):
     """EfficientFormer backbone + distilled classifier heads, MHSA at the strides in ``mhsa_blocks``.
 
+    ``act_layer`` (a timm activation name) is the MLPs' activation; the stem keeps timm's ReLU.
+
     ``forward_features`` returns normalized ``(B, C, H/32, W/32)`` features; ``forward_head``
     average-pools them and returns ``(B, num_features)`` embeddings (``pre_logits=True``) or the mean
     of the two heads' logits, as timm does.
@@ -136,12 +157,15 @@ class EfficientFormer(nn.Module):
         num_classes: int,
         img_size: tuple[int, int],
         in_chans: int = 3,
+        act_layer: str = DEFAULT_ACT_LAYER,
         drop_rate: float = 0.0,
         proj_drop_rate: float = 0.0,
         drop_path_rate: float = 0.0,
         layer_scale_init_value: float = 1e-5,
     ) -> None:
         super().__init__()
+        self.act_layer = act_layer
+        act = resolve_act_layer(act_layer)
         self.num_classes = num_classes
         self.img_size = img_size
         self.mhsa_blocks = mhsa_blocks
@@ -152,13 +176,13 @@ class EfficientFormer(nn.Module):
         for i, (dim, stride) in enumerate(zip(config.widths, STAGE_STRIDES)):
             stages.append(EfficientFormerStage(
                 dim_in, dim, n_pool=config.pool_depths[i], n_mhsa=mhsa_blocks.get(stride, 0),
-                grid=token_grid(img_size, stride), downsample=i > 0, drop_path=rates[i].tolist(),
+                grid=token_grid(img_size, stride), downsample=i > 0, act_layer=act, drop_path=rates[i].tolist(),
                 layer_scale_init_value=layer_scale_init_value, proj_drop=proj_drop_rate,
             ))
             dim_in = dim
         self.stages = nn.Sequential(*stages)
         self.num_features = self.head_hidden_size = config.widths[-1]
-        self.norm = LayerNorm2d(self.num_features)
+        self.norm = LayerNorm2d(self.num_features, eps=FINAL_NORM_EPS)
         self.head_drop = nn.Dropout(drop_rate)
         self.head = self._linear_head()
         self.head_dist = self._linear_head()
@@ -225,6 +249,7 @@ def create_model(
     img_size: int | tuple[int, int] = 224,
     pretrained: str | None = None,
     in_chans: int = 3,
+    act_layer: str = DEFAULT_ACT_LAYER,
     drop_rate: float = 0.0,
     proj_drop_rate: float = 0.0,
     drop_path_rate: float = 0.0,
@@ -243,6 +268,9 @@ def create_model(
             built for this grid.
         pretrained: a local ``.pth``/``.safetensors`` file with timm (or our) key names, or a timm
             hub name (``efficientformer_l1.snap_dist_in1k``); heads are dropped if shapes differ.
+        act_layer: the activation of every block's MLP, a timm name (:data:`ACT_LAYERS`: ``gelu``,
+            ``relu``, ``hard_swish``, ``silu``, ...); activations have no weights, so any pretrained
+            file still loads. The stem's ReLU is timm's and stays.
         in_chans, drop_rate, proj_drop_rate, drop_path_rate, layer_scale_init_value: as in timm.
         bias_transfer: how a pretrained 7 x 7 attention-bias table fills a larger grid: ``"pad"``
             (same bias per token offset, the edge value beyond it) or ``"interpolate"`` (bicubic).
@@ -252,7 +280,7 @@ def create_model(
 
     Raises:
         KeyError: unknown ``name``.
-        ValueError: bad ``mhsa_blocks`` or ``img_size``.
+        ValueError: bad ``mhsa_blocks``, ``img_size`` or ``act_layer``.
         CheckpointError: ``pretrained`` cannot be read or is for another architecture.
     """
     if name not in MODEL_CONFIGS:
@@ -264,11 +292,12 @@ def create_model(
     blocks = MhsaBlocks.parse(config.default_mhsa if mhsa_blocks is None else mhsa_blocks)
     model = EfficientFormer(
         config, mhsa_blocks=blocks, num_classes=num_classes,
-        img_size=size, in_chans=in_chans, drop_rate=drop_rate, proj_drop_rate=proj_drop_rate,
+        img_size=size, in_chans=in_chans, act_layer=act_layer, drop_rate=drop_rate, proj_drop_rate=proj_drop_rate,
         drop_path_rate=drop_path_rate, layer_scale_init_value=layer_scale_init_value,
     )
     model.pretrained_cfg = {
-        "architecture": name, "mhsa_blocks": model.mhsa_blocks.to_dict(), "num_classes": num_classes,
+        "architecture": name, "mhsa_blocks": model.mhsa_blocks.to_dict(), "act_layer": act_layer,
+        "num_classes": num_classes,
         "input_size": (in_chans, *size), "mean": IMAGENET_DEFAULT_MEAN, "std": IMAGENET_DEFAULT_STD,
         "interpolation": "bicubic", "pretrained": pretrained,
     }

@@ -3,6 +3,7 @@
 Example::
 
     pathology model-info efficientformer_l1 --mhsa-blocks 16:2,32:1 --img-size 512
+    pathology model-info efficientformer_l1 --act-layer hard_swish --latency --json l1_latency.json
 """
 from __future__ import annotations
 
@@ -10,14 +11,17 @@ import argparse
 import sys
 import time
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 from torch import nn
 from torch.utils.flop_counter import FlopCounterMode
 
-from pathology.models.efficientformer import create_model, list_models
+from pathology.models.efficientformer import ACT_LAYERS, create_model, list_models
+from pathology.models.latency import format_table, measure_latency, write_json
 from pathology.models.mhsa import MhsaBlocks
-from pathology.models.optimize import optimize_for_inference
+from pathology.models.optimize import fuse_for_inference
+from pathology.models.runtime import BACKENDS, BackendUnavailable
 
 __all__ = ["ModelInfo", "count_macs", "main", "measure", "median_seconds"]
 
@@ -68,7 +72,7 @@ def count_macs(model: nn.Module, img_size: tuple[int, int]) -> int:
 
 
 def measure(model: nn.Module, img_size: tuple[int, int], *, batch_size: int = 32, repeats: int = 5) -> ModelInfo:
-    """Counts parameters and MACs of ``model``; times its :func:`optimize_for_inference` form on CPU.
+    """Counts parameters and MACs of ``model``; times its :func:`fuse_for_inference` form on CPU.
 
     Args:
         model: the model to describe (left unchanged).
@@ -80,7 +84,7 @@ def measure(model: nn.Module, img_size: tuple[int, int], *, batch_size: int = 32
         The :class:`ModelInfo`.
     """
     params = sum(p.numel() for p in model.parameters())
-    fast = optimize_for_inference(model)
+    fast = fuse_for_inference(model)
     macs = count_macs(fast, img_size)
     batch = torch.randn(batch_size, 3, *img_size)
     latency = median_seconds(fast, batch[:1], repeats)
@@ -97,6 +101,12 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument("--batch-size", type=int, default=32, help="batch for throughput")
     parser.add_argument("--repeats", type=int, default=5, help="timed runs per measurement (median kept)")
     parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's)")
+    parser.add_argument("--act-layer", choices=ACT_LAYERS, default="gelu", help="the blocks' MLP activation")
+    parser.add_argument("--latency", action="store_true",
+                        help="also time every block and activation at batch 1, eager and fused")
+    parser.add_argument("--backend", choices=("auto", *BACKENDS), default="auto",
+                        help="with --latency: the backend whose whole-call time is added")
+    parser.add_argument("--json", type=Path, default=None, help="with --latency: also write the table as JSON here")
     return parser
 
 
@@ -108,14 +118,21 @@ def main(argv: list[str]) -> int:
     try:
         mhsa = None if args.mhsa_blocks is None else MhsaBlocks.parse(args.mhsa_blocks)
         size = (args.img_size[0], args.img_size[-1])
-        model = create_model(args.name, mhsa_blocks=mhsa, num_classes=args.num_classes, img_size=size)
-    except ValueError as err:
+        model = create_model(args.name, mhsa_blocks=mhsa, num_classes=args.num_classes, img_size=size,
+                             act_layer=args.act_layer)
+        report = measure_latency(model, size, backend=args.backend, repeats=args.repeats) if args.latency else None
+    except (ValueError, BackendUnavailable) as err:
         print(f"pathology model-info: {err}", file=sys.stderr)
         return 2
     info = measure(model, size, batch_size=args.batch_size, repeats=args.repeats)
-    print(f"model       {args.name}  mhsa_blocks={model.mhsa_blocks}  input {size[0]}x{size[1]} px")
+    print(f"model       {args.name}  mhsa_blocks={model.mhsa_blocks}  act_layer={args.act_layer}  "
+          f"input {size[0]}x{size[1]} px")
     print(f"parameters  {info.params / 1e6:.2f} M")
     print(f"MACs        {info.macs / 1e9:.3f} G per image")
     print(f"latency     {info.latency_ms:.1f} ms (batch 1, CPU, {torch.get_num_threads()} threads)")
     print(f"throughput  {info.throughput:.1f} img/s (batch {info.batch_size})")
+    if report:
+        print(format_table(report))
+    if report and args.json:
+        write_json(report, args.json)
     return 0

@@ -1,4 +1,4 @@
-"""The fastest eval form of an EfficientFormer that still computes the same function.
+"""The torch backend's eval form of an EfficientFormer: BatchNorm and LayerScale folded, same function.
 
 What the CPU profile showed (see ``benchmarks/bench_model.py``): most time goes to the 1 x 1
 convolutions of the pooling blocks' MLPs, their BatchNorms, GELU and the element-wise residual
@@ -21,7 +21,7 @@ from timm.models.efficientformer import Attention, ConvMlpWithNorm, Downsample, 
 from torch import nn
 from torch.nn.utils.fusion import fuse_conv_bn_eval
 
-__all__ = ["optimize_for_inference"]
+__all__ = ["fuse_for_inference"]
 
 # (conv, following BatchNorm) attribute pairs of timm's EfficientFormer modules
 _CONV_BN_PAIRS: dict[type[nn.Module], tuple[tuple[str, str], ...]] = {
@@ -31,7 +31,7 @@ _CONV_BN_PAIRS: dict[type[nn.Module], tuple[tuple[str, str], ...]] = {
 }
 
 
-def optimize_for_inference(model: nn.Module) -> nn.Module:
+def fuse_for_inference(model: nn.Module) -> nn.Module:
     """Returns an eval-mode copy with BatchNorm and LayerScale folded and channels-last weights.
 
     The copy computes the same function as ``model.eval()`` (to float rounding) and keeps its

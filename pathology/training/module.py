@@ -47,6 +47,7 @@ class TileClassifier(L.LightningModule):
         resolution: str,
         model_name: str = "efficientformer_l1",
         mhsa_blocks: MhsaBlocks | None = None,
+        act_layer: str = "gelu",
         img_size: int = 224,
         pretrained: str | None = None,
         drop_path_rate: float = 0.0,
@@ -66,6 +67,7 @@ class TileClassifier(L.LightningModule):
             model_name: a registered EfficientFormer variant.
             mhsa_blocks: {output stride: MHSA blocks} (``"16:2,32:1"`` or a mapping in YAML); None keeps the
                 variant's default.
+            act_layer: the blocks' MLP activation, a timm name (``gelu``, ``relu``, ``hard_swish``, ...).
             img_size: model input edge in pixels (a multiple of 32).
             pretrained: weights file (or hub name) for the backbone; None trains from scratch.
             drop_path_rate: stochastic depth rate.
@@ -86,7 +88,8 @@ class TileClassifier(L.LightningModule):
         self.save_hyperparameters()
         self.resolution = Resolution.parse(resolution)
         self.model = create_model(model_name, mhsa_blocks=blocks, num_classes=len(class_names),
-                                  img_size=img_size, pretrained=pretrained, drop_path_rate=drop_path_rate,
+                                  img_size=img_size, pretrained=pretrained, act_layer=act_layer,
+                                  drop_path_rate=drop_path_rate,
                                   layer_scale_init_value=layer_scale_init_value)
         weights = None if class_weights is None else torch.tensor(class_weights, dtype=torch.float32)
         self.register_buffer("loss_weights", weights, persistent=False)
@@ -106,7 +109,8 @@ class TileClassifier(L.LightningModule):
         hp = self.hparams
         mean, std = self.normalization
         return ModelSpec(hp.model_name, self.model.mhsa_blocks, tuple(hp.class_names), hp.img_size,
-                         hp.tile_size, self.resolution, mean, std, self.tile_mpp, self.tile_mpp_spread)
+                         hp.tile_size, self.resolution, mean, std, tile_mpp=self.tile_mpp,
+                         tile_mpp_spread=self.tile_mpp_spread, act_layer=hp.act_layer)
 
     def setup(self, stage: str) -> None:
         """Records the delivered µm/px of the data's tile stores (when it knows them) and sets

@@ -16,7 +16,14 @@ import pandas as pd
 from pathology.atomic import atomic_path
 from pathology.checkpoint import CheckpointError, load_inference_model
 from pathology.data import ImageCsvSource, ImageFolderSource, TileDataError, TileDataset, eval_transform
-from pathology.inference.predict import RunOptions, make_predictor, predict_tiles, start_devices
+from pathology.inference.predict import (
+    RUNNER_ERRORS,
+    RunOptions,
+    add_backend_option,
+    make_predictor,
+    predict_tiles,
+    start_devices,
+)
 from pathology.training.metrics import classification_metrics
 
 __all__ = ["main"]
@@ -41,6 +48,7 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument("--num-workers", type=int, default=RunOptions.num_workers,
                         help="processes reading tiles while the model computes")
     parser.add_argument("--accelerator", default=RunOptions.accelerator, help="auto, cpu, gpu, ...")
+    add_backend_option(parser)
     return parser
 
 
@@ -50,11 +58,12 @@ def main(argv: list[str]) -> int:
     try:
         model, spec = load_inference_model(args.checkpoint)
         table = _table(args.tiles, list(spec.class_names), args.image_root, args.path_column)
-        options = RunOptions(args.batch_size, args.num_workers, args.accelerator)
-        predictor = make_predictor(model, start_devices(options))
+        options = RunOptions(args.batch_size, args.num_workers, args.accelerator, backend=args.backend)
+        predictor = make_predictor(model, start_devices(options), backend=options.backend,
+                                   cache_dir=args.checkpoint.parent)
         dataset = TileDataset(table, eval_transform(spec.img_size, spec.mean, spec.std))
         probs = predict_tiles(predictor, dataset, options).probs
-    except (CheckpointError, TileDataError) as err:
+    except (CheckpointError, TileDataError, *RUNNER_ERRORS) as err:
         print(f"pathology predict-tiles: {err}", file=sys.stderr)
         return 1
     names, labels = np.array(spec.class_names), table["label"].to_numpy()

@@ -1,8 +1,10 @@
 """pathology.checkpoint: the spec survives a round trip, and unsafe or foreign files are refused."""
 from __future__ import annotations
 
+import logging
 import os
 import pickle
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -91,3 +93,24 @@ def test_older_spec_dicts_load_as_mhsa_blocks(saved: tuple[Path, torch.nn.Module
     torch.save(ckpt, path)
     _, spec = load_inference_model(path)
     assert isinstance(spec.mhsa_blocks, MhsaBlocks) and str(spec.mhsa_blocks) == "16:1,32:1"
+
+
+def test_act_layer_travels_with_the_checkpoint(tmp_path: Path) -> None:
+    spec = replace(SPEC, act_layer="hard_swish")
+    model = create_model(spec.model_name, mhsa_blocks=spec.mhsa_blocks, num_classes=spec.num_classes,
+                         img_size=spec.img_size, act_layer="hard_swish").eval()
+    loaded, loaded_spec = load_inference_model(save_checkpoint(tmp_path / "hs.ckpt", model, spec))
+    assert loaded_spec.act_layer == "hard_swish"
+    assert any(isinstance(m, torch.nn.Hardswish) for m in loaded.modules())
+
+
+def test_checkpoint_without_act_layer_loads_as_gelu_with_a_warning(
+        saved: tuple[Path, torch.nn.Module], tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    ckpt = torch.load(saved[0], weights_only=True)
+    del ckpt["pathology_spec"]["act_layer"]  # as written before act_layer was recorded
+    path = tmp_path / "old.ckpt"
+    torch.save(ckpt, path)
+    with caplog.at_level(logging.WARNING, logger="pathology.checkpoint"):
+        _, spec = load_inference_model(path)
+    assert spec.act_layer == "gelu"
+    assert "act_layer" in caplog.text

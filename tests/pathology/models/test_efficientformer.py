@@ -5,9 +5,11 @@ import pytest
 import torch
 import yaml
 from jsonargparse import ArgumentParser
+from timm.layers import get_act_layer
+from torch import nn
 
 from pathology.models import MODEL_CONFIGS, create_model, list_models
-from pathology.models.efficientformer import MhsaBlock
+from pathology.models.efficientformer import ACT_LAYERS, MhsaBlock
 
 N_CLASSES = 3
 HEADS = 8  # timm's Attention default
@@ -143,3 +145,30 @@ def test_yaml_config_maps_to_create_model() -> None:
     assert model.mhsa_blocks == {16: 2, 32: 1}
     with pytest.raises(SystemExit):  # a typo fails at parse time
         parser.parse_object({"model": {"name": "efficientformer_l1", "num_clases": 2}})
+
+
+@pytest.mark.parametrize("act_layer", ACT_LAYERS)
+def test_every_act_layer_builds_and_runs(act_layer: str) -> None:
+    model = create_model("efficientformer_tiny", num_classes=N_CLASSES, img_size=64, act_layer=act_layer).eval()
+    expected = type(get_act_layer(act_layer)())
+    # every MLP (one per block) uses it; the stem keeps timm's ReLU
+    n_blocks = sum(len(stage.blocks) for stage in model.stages)
+    assert sum(isinstance(m, expected) for m in model.modules()) == n_blocks + 2 * (expected is nn.ReLU)
+    assert model.pretrained_cfg["act_layer"] == act_layer
+    with torch.inference_mode():
+        assert torch.isfinite(model(torch.randn(1, 3, 64, 64))).all()
+
+
+def test_act_layer_changes_the_function_not_the_weights() -> None:
+    gelu = create_model("efficientformer_tiny", num_classes=N_CLASSES, img_size=64, layer_scale_init_value=1.0)
+    relu = create_model("efficientformer_tiny", num_classes=N_CLASSES, img_size=64, layer_scale_init_value=1.0,
+                        act_layer="relu")
+    relu.load_state_dict(gelu.state_dict(), strict=True)  # activations have no weights
+    x = torch.randn(2, 3, 64, 64, generator=torch.Generator().manual_seed(0))
+    with torch.inference_mode():
+        assert not torch.allclose(gelu.eval()(x), relu.eval()(x), atol=1e-4)
+
+
+def test_unknown_act_layer_lists_the_choices() -> None:
+    with pytest.raises(ValueError, match="act_layer 'swishy'.*gelu.*hard_swish"):
+        create_model("efficientformer_tiny", act_layer="swishy")

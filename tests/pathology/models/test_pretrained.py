@@ -5,9 +5,11 @@ import logging
 import os
 import pickle
 import re
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
+import timm
 import torch
 from safetensors.torch import save_file
 from torch import nn
@@ -19,6 +21,9 @@ TIMM_GRID = 7  # timm's bias table: 224 px / 32
 TIMM_L1_MHSA_KEY = "stages.3.blocks.4"  # timm: 3 pooling blocks, Flat (no weights), 1 MHSA block
 # float32 sums in another order (LayerNorm on 4D vs tokens, pooling over (H, W) vs N)
 LOGIT_ATOL = 1e-3
+# float64: only summation order differs, ~1e-15 relative; 1e-6 catches any real difference (a LayerNorm
+# eps of 1e-6 instead of timm's 1e-5 moved L1's logits by 3.4e-4)
+STRICT_ATOL = 1e-6
 
 
 def _logits(model: nn.Module, x: torch.Tensor) -> torch.Tensor:
@@ -36,6 +41,23 @@ def test_same_function_as_timm_at_224(timm_l1: nn.Module, tmp_path: Path, suffix
     expected = _logits(timm_l1, x)
     assert expected.std() > 0.1  # random weights: every block changes the logits
     torch.testing.assert_close(_logits(ours, x), expected, rtol=0, atol=LOGIT_ATOL)
+
+
+@pytest.mark.parametrize("name", ["efficientformer_l1", "efficientformer_l3", "efficientformer_l7"])
+def test_exactly_timms_function_in_float64(name: str, randomize: Callable[[nn.Module], nn.Module]) -> None:
+    """timm's variant with perturbed weights, loaded into ours: the same logits to 1e-6 in float64.
+
+    timm's biases are fixed at 7 x 7, so 224 px is the only size both run; batch 1 keeps it cheap.
+    """
+    reference = randomize(timm.create_model(name, num_classes=5)).double().eval()
+    ours = create_model(name, num_classes=5)
+    weights, report = filter_state_dict(reference.state_dict(), ours)
+    ours.load_state_dict(weights, strict=False)
+    assert not report.missing and not report.unexpected
+    x = torch.randn(1, 3, 224, 224, generator=torch.Generator().manual_seed(4), dtype=torch.float64)
+    expected = _logits(reference, x)
+    assert expected.std() > 0.05  # random weights: the logits are far from the zero a constant model gives
+    torch.testing.assert_close(_logits(ours.double(), x), expected, rtol=0, atol=STRICT_ATOL)
 
 
 def _as_snap_original(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
