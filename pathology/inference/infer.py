@@ -200,7 +200,8 @@ def _summary(checkpoint: Path, checkpoint_hash: str, setup: _Setup, table: pd.Da
     return {
         "checkpoint": str(checkpoint), "checkpoint_hash": checkpoint_hash, "model_name": spec.model_name,
         "mhsa_blocks": spec.mhsa_blocks, "class_names": list(spec.class_names), "resolution": str(spec.resolution),
-        "tile_mpp": spec.tile_mpp, "match": setup.match, "tile_size": spec.tile_size, "img_size": spec.img_size, "aggregations": [str(a) for a in aggregations],
+        "tile_mpp": spec.tile_mpp, "match": setup.match, "tile_size": spec.tile_size, "img_size": spec.img_size,
+        "aggregations": [str(a) for a in aggregations],
         "label_aggregation": str(aggregations[0]) if calibration is None else CALIBRATED,
         "calibration": None if calibration is None else asdict(calibration),
         "counts": {str(k): int(v) for k, v in table["status"].value_counts().sort_index().items()},
@@ -347,7 +348,8 @@ def main(argv: list[str]) -> int:
     try:
         table = infer_slides(args.checkpoint, args.slides, args.out, aggregations=aggregations,
                              tiles_dir=args.tiles_dir, min_tissue=args.min_tissue, slide_mpp=args.slide_mpp,
-                             match=args.match, allow_upsample=args.allow_upsample, calibration=calibration, run=run, extras=extras, shard_spec=args.shard)
+                             match=args.match, allow_upsample=args.allow_upsample, calibration=calibration,
+                             run=run, extras=extras, shard_spec=args.shard)
     except (CheckpointError, ValueError) as error:
         print(f"pathology infer: {error}", file=sys.stderr)
         return 1
