@@ -25,7 +25,7 @@ import yaml
 
 from pathology.atomic import atomic_path
 from pathology.models import create_model
-from pathology.training.cli import fit
+from pathology.training.fit import fit
 
 REPO = Path(__file__).resolve().parents[1]
 PAPER = {"balanced_accuracy": 0.8423, "f1": 0.718}

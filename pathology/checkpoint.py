@@ -8,8 +8,6 @@ this layout, so inference never needs to know which wrote the file.
 from __future__ import annotations
 
 import logging
-import pickle
-import re
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -18,24 +16,21 @@ import torch
 from torch import nn
 
 from pathology.atomic import atomic_path
+from pathology.io import CheckpointError, read_torch_file
+from pathology.models import create_model
+from pathology.models.mhsa import MhsaBlocks
 from wsi_tiling import Resolution
 
 __all__ = [
     "SPEC_KEY", "CheckpointError", "ModelSpec", "save_checkpoint", "load_checkpoint", "load_inference_model",
-    "read_torch_file",
 ]
 
 SPEC_KEY = "pathology_spec"
 STATE_PREFIX = "model."
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
-ANSI_ESCAPE = re.compile(r"\x1b\[[0-9;]*[A-Za-z]")  # terminal colour codes in torch's messages
 
 log = logging.getLogger(__name__)
-
-
-class CheckpointError(ValueError):
-    """A file that is not a readable pathology checkpoint; the message names the file."""
 
 
 @dataclass(frozen=True)
@@ -57,7 +52,7 @@ class ModelSpec:
     """
 
     model_name: str
-    mhsa_blocks: dict[int, int]
+    mhsa_blocks: MhsaBlocks
     class_names: tuple[str, ...]
     img_size: int
     tile_size: int
@@ -67,6 +62,9 @@ class ModelSpec:
     tile_mpp: float | None = None
     tile_mpp_spread: float | None = None
 
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "mhsa_blocks", MhsaBlocks.parse(self.mhsa_blocks))  # a plain dict is accepted
+
     @property
     def num_classes(self) -> int:
         return len(self.class_names)
@@ -74,7 +72,7 @@ class ModelSpec:
     def to_dict(self) -> dict[str, Any]:
         """Plain types only, so the checkpoint loads with ``weights_only=True``."""
         data = asdict(self)
-        data["mhsa_blocks"] = {int(k): int(v) for k, v in self.mhsa_blocks.items()}
+        data["mhsa_blocks"] = self.mhsa_blocks.to_dict()
         data["class_names"] = list(self.class_names)
         data["resolution"] = {"value": float(self.resolution.value), "unit": self.resolution.unit}
         data["mean"], data["std"] = list(self.mean), list(self.std)
@@ -84,7 +82,7 @@ class ModelSpec:
     def from_dict(cls, data: dict[str, Any]) -> ModelSpec:
         return cls(
             model_name=data["model_name"],
-            mhsa_blocks={int(k): int(v) for k, v in data["mhsa_blocks"].items()},
+            mhsa_blocks=MhsaBlocks.parse(data["mhsa_blocks"]),  # int keys; str keys in JSON copies
             class_names=tuple(data["class_names"]),
             img_size=int(data["img_size"]),
             tile_size=int(data["tile_size"]),
@@ -111,36 +109,6 @@ def save_checkpoint(path: str | Path, model: nn.Module, spec: ModelSpec) -> Path
     return Path(path)
 
 
-def read_torch_file(path: str | Path, what: str) -> Any:
-    """Loads a torch file onto the CPU safely (``weights_only``: never unpickles code).
-
-    Args:
-        path: the file.
-        what: what the file should be (``"checkpoint"``), for error messages.
-
-    Raises:
-        CheckpointError: missing, truncated or unsafe file; the message names it.
-    """
-    path = Path(path)
-    if not path.is_file():
-        raise CheckpointError(f"{path}: {what} not found")
-    try:
-        return torch.load(path, map_location="cpu", weights_only=True)
-    except pickle.UnpicklingError as err:  # torch's message advises weights_only=False: never repeat it
-        raise CheckpointError(f"{path}: not a loadable {what}: it holds pickled objects other than tensors "
-                              "and plain values (e.g. code), which are never unpickled") from err
-    except (RuntimeError, EOFError, OSError) as err:
-        raise CheckpointError(f"{path}: not a loadable {what} ({first_line(err)})") from err
-    except (KeyError, IndexError, ValueError) as err:  # what a text file or a CSV gives
-        raise CheckpointError(f"{path}: not a {what}: not a file written by torch.save") from err
-
-
-def first_line(err: BaseException) -> str:
-    """The first line of ``err``'s message, or its type name when the message is empty."""
-    text = ANSI_ESCAPE.sub("", str(err)).strip()
-    return text.splitlines()[0] if text else type(err).__name__
-
-
 def load_checkpoint(path: str | Path) -> tuple[dict[str, torch.Tensor], ModelSpec]:
     """Reads a checkpoint safely (never unpickles code) and returns (model state_dict, spec).
 
@@ -164,8 +132,6 @@ def load_inference_model(path: str | Path) -> tuple[nn.Module, ModelSpec]:
     Raises:
         CheckpointError: unreadable file, or weights that do not fit the recorded architecture.
     """
-    from pathology.models import create_model  # the model package imports torch-heavy timm
-
     state, spec = load_checkpoint(path)
     model = create_model(spec.model_name, mhsa_blocks=spec.mhsa_blocks, num_classes=spec.num_classes,
                          img_size=spec.img_size)

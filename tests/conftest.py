@@ -1,11 +1,13 @@
 """Shared fixtures: tiny synthetic slides with known physical patterns, broken files, real data.
 
 Everything is written to pytest's temporary folders; real slides are read from
-``../shared/data`` (or ``$PATHOLOGY_TEST_DATA``) and their tests skip when it is absent.
+``../shared/data`` (or ``$PATHOLOGY_TEST_DATA``) and their tests skip when it is absent, unless
+``$PATHOLOGY_REQUIRE_TEST_DATA`` is set (CI), which makes them fail instead.
 """
 from __future__ import annotations
 
 import os
+from collections.abc import Mapping
 from pathlib import Path
 
 import numpy as np
@@ -64,13 +66,25 @@ def write_tiff(path: Path, levels: list[np.ndarray], *, tiled: bool, ome: bool, 
     return path
 
 
+REQUIRE_DATA_ENV = "PATHOLOGY_REQUIRE_TEST_DATA"  # set by .ci/run: CI must never skip the real-data tests
+
+
+def real_data_root(environ: Mapping[str, str]) -> Path:
+    """The real test data folder of ``environ``; skips the calling test when it is absent, or fails
+    it when ``$PATHOLOGY_REQUIRE_TEST_DATA`` is set (a skip in CI would hide a missing folder)."""
+    root = Path(environ.get("PATHOLOGY_TEST_DATA", REPO.parent / "shared" / "data"))
+    if not root.is_dir():
+        reason = f"real test data not found at {root} (set PATHOLOGY_TEST_DATA)"
+        if environ.get(REQUIRE_DATA_ENV):
+            pytest.fail(f"{reason}; {REQUIRE_DATA_ENV} is set, so the real-data tests must run")
+        pytest.skip(reason)
+    return root
+
+
 @pytest.fixture(scope="session")
 def shared_data() -> Path:
-    """The project's real test data folder; skips the test when it is not there."""
-    root = Path(os.environ.get("PATHOLOGY_TEST_DATA", REPO.parent / "shared" / "data"))
-    if not root.is_dir():
-        pytest.skip(f"real test data not found at {root} (set PATHOLOGY_TEST_DATA)")
-    return root
+    """The project's real test data folder; skips the test when it is not there (see :func:`real_data_root`)."""
+    return real_data_root(os.environ)
 
 
 @pytest.fixture(scope="session")

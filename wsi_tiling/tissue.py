@@ -74,7 +74,8 @@ def tissue_mask(rgb: np.ndarray, mpp: float, params: TissueParams = TissueParams
 
 def tissue_fraction(mask: np.ndarray, mask_downsample: tuple[float, float], coords_level0: np.ndarray,
                     footprint_level0: float) -> np.ndarray:
-    """Fraction of each tile's area that is tissue, from a low-resolution mask.
+    """Fraction of each tile's area that is tissue, from a low-resolution mask (any boolean mask: the
+    annotation coverage of ``pathology.data.annotations`` is measured with it too).
 
     Args:
         mask: (H, W) bool tissue mask.

@@ -1,9 +1,12 @@
 """Region annotations (QuPath GeoJSON) to tile labels, by the fraction of each tile a class covers.
 
 QuPath exports polygons in level-0 pixel coordinates with the class under
-``properties.classification.name``. A tile's coverage by a class is measured on a regular grid of
-``SAMPLES_PER_SIDE``² sample points (pixel centres of a 16 × 16 subdivision): exact for regions
-aligned to 1/16 of a tile, within 1/256 otherwise, and fast for thousands of tiles.
+``properties.classification.name``. A tile's coverage by a class is measured the way tissue is, by
+one function (:func:`wsi_tiling.tissue.tissue_fraction`): the class's polygons are rasterised
+(``skimage.draw.polygon``, holes cleared) on a mask of ``RASTER_PER_TILE`` pixels per tile edge laid
+on the tile grid, and each tile's share of mask pixels is read from the mask's integral image. A
+mask pixel counts when its centre is inside a polygon: exact for regions aligned to 1/16 of a tile,
+otherwise off by at most the mask pixels the outline crosses; fast for thousands of tiles.
 """
 from __future__ import annotations
 
@@ -13,15 +16,16 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
-from matplotlib.path import Path as PolygonPath
+from skimage.draw import polygon as polygon_pixels
 
 from pathology.data.errors import AnnotationError
+from wsi_tiling.tissue import tissue_fraction
 
 __all__ = ["Region", "read_geojson", "class_coverage", "labels_from_coverage", "UNLABELLED"]
 
 log = logging.getLogger(__name__)
 
-SAMPLES_PER_SIDE = 16
+RASTER_PER_TILE = 16  # mask pixels per tile edge
 UNLABELLED = -1  # label of a tile left out of training
 MIN_RING_POSITIONS = 4  # GeoJSON: a closed ring of at least 3 distinct vertices
 
@@ -89,11 +93,23 @@ def read_geojson(path: str | Path) -> list[Region]:
     return regions
 
 
-def _sample_points(coords_level0: np.ndarray, tile_size_level0: float) -> np.ndarray:
-    """(N * S², 2) level-0 sample points, S² per tile, at the centres of an S × S subdivision."""
-    offsets = (np.arange(SAMPLES_PER_SIDE) + 0.5) * tile_size_level0 / SAMPLES_PER_SIDE
-    grid = np.stack(np.meshgrid(offsets, offsets), axis=-1).reshape(-1, 2)
-    return (coords_level0[:, None, :].astype(float) + grid[None]).reshape(-1, 2)
+def _fill(mask: np.ndarray, region: Region, origin_level0: np.ndarray, pixel_level0: float) -> None:
+    """ORs ``region`` (exterior minus holes) into ``mask``, drawing only inside the region's bounding box.
+
+    Mask pixel (i, j) spans level-0 ``origin + [i, i + 1) * pixel`` and is set when its centre is inside;
+    ``skimage.draw.polygon`` puts pixel centres at integers, so vertices move by half a pixel.
+    """
+    exterior = (region.exterior - origin_level0) / pixel_level0
+    lo = np.clip(np.floor(exterior.min(axis=0)).astype(int), 0, mask.shape[::-1])
+    hi = np.clip(np.ceil(exterior.max(axis=0)).astype(int), 0, mask.shape[::-1])
+    if np.any(hi <= lo):
+        return
+    crop = np.zeros((hi[1] - lo[1], hi[0] - lo[0]), bool)
+    for ring, inside in ((region.exterior, True), *((hole, False) for hole in region.holes)):
+        xy = (ring - origin_level0) / pixel_level0 - lo - 0.5
+        rows, cols = polygon_pixels(xy[:, 1], xy[:, 0], crop.shape)
+        crop[rows, cols] = inside
+    mask[lo[1]:hi[1], lo[0]:hi[0]] |= crop
 
 
 def class_coverage(regions: list[Region], class_names: list[str], coords_level0: np.ndarray,
@@ -109,19 +125,23 @@ def class_coverage(regions: list[Region], class_names: list[str], coords_level0:
     Returns:
         (N, C) float coverage in [0, 1], C = len(class_names).
     """
-    points = _sample_points(np.asarray(coords_level0).reshape(-1, 2), tile_size_level0)
-    inside = np.zeros((len(class_names), len(points)), bool)
+    coords = np.asarray(coords_level0, np.float64).reshape(-1, 2)
+    coverage = np.zeros((len(coords), len(class_names)), np.float32)
     ignored = sorted({r.class_name for r in regions} - set(class_names))
     if ignored:
         log.info("ignoring annotation classes not in class_names: %s", ignored)
-    for region in regions:
-        if region.class_name not in class_names:
-            continue
-        hit = PolygonPath(region.exterior).contains_points(points)
-        for hole in region.holes:
-            hit &= ~PolygonPath(hole).contains_points(points)
-        inside[class_names.index(region.class_name)] |= hit
-    return inside.reshape(len(class_names), -1, SAMPLES_PER_SIDE**2).mean(axis=2).T
+    if not len(coords):
+        return coverage
+    pixel = tile_size_level0 / RASTER_PER_TILE
+    origin = coords.min(axis=0)
+    width, height = np.ceil((coords.max(axis=0) + tile_size_level0 - origin) / pixel).astype(int)
+    for index, name in enumerate(class_names):
+        mask = np.zeros((height, width), bool)
+        for region in regions:
+            if region.class_name == name:
+                _fill(mask, region, origin, pixel)
+        coverage[:, index] = tissue_fraction(mask, (pixel, pixel), coords - origin, tile_size_level0)
+    return coverage
 
 
 def labels_from_coverage(coverage: np.ndarray, min_coverage: float, background: int | None = None) -> np.ndarray:

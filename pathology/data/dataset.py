@@ -15,6 +15,7 @@ import torch
 from torch.utils.data import Dataset
 
 from pathology.data.errors import CorruptTileError, EmptyTileSetError
+from wsi_tiling import TileReader
 
 __all__ = ["TileDataset", "read_image"]
 
@@ -62,8 +63,6 @@ class TileDataset(Dataset):
         return {**self.__dict__, "_readers": {}}  # handles are per process, reopened lazily
 
     def _reader(self, h5_path: str, slide_path: str):
-        from wsi_tiling import TileReader
-
         if h5_path not in self._readers:
             self._readers[h5_path] = TileReader(h5_path, slide_path or None)
         return self._readers[h5_path]

@@ -25,6 +25,7 @@ import pandas as pd
 
 from pathology.data.annotations import UNLABELLED, class_coverage, labels_from_coverage, read_geojson
 from pathology.data.errors import EmptyTileSetError, LabelError, TilingMismatchError
+from wsi_tiling import TileReader
 
 __all__ = ["TILE_COLUMNS", "TileSource", "ImageFolderSource", "ImageCsvSource", "H5Source", "read_table"]
 
@@ -182,8 +183,6 @@ class H5Source(TileSource):
         return labels_from_coverage(coverage, self.min_coverage, background)
 
     def table(self, class_names: list[str]) -> pd.DataFrame:
-        from wsi_tiling import TileReader
-
         required = ["slide_id", "patient_id"] + ([] if self.geojson_dir else ["label"])
         slides = read_table(self.slides_csv, required)
         if self.background_class is not None and self.background_class not in class_names:

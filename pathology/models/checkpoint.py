@@ -19,6 +19,7 @@ from collections import defaultdict
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import timm
 import torch
 import torch.nn.functional as F
 from safetensors import SafetensorError
@@ -26,7 +27,7 @@ from safetensors.torch import load_file
 from timm.models.efficientformer import checkpoint_filter_fn as snap_to_timm
 from torch import nn
 
-from pathology.checkpoint import CheckpointError, first_line, read_torch_file
+from pathology.io import CheckpointError, first_line, read_torch_file
 
 __all__ = ["LoadReport", "filter_state_dict", "load_pretrained", "read_state_dict", "transfer_attention_biases"]
 
@@ -275,8 +276,6 @@ def load_pretrained(model: nn.Module, pretrained: str, *, bias_transfer: str = "
 
 
 def _hub_state_dict(name: str) -> dict[str, torch.Tensor]:
-    import timm
-
     try:
         return timm.create_model(name, pretrained=True).state_dict()
     except (OSError, RuntimeError, ValueError) as err:

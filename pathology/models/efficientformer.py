@@ -25,7 +25,9 @@ from timm.models._manipulate import checkpoint_seq
 from timm.models.efficientformer import Attention, Downsample, MetaBlock1d, MetaBlock2d, Stem4
 from torch import nn
 
-STAGE_STRIDES: tuple[int, ...] = (4, 8, 16, 32)  # output stride (input px per token) of each stage
+from pathology.models.checkpoint import load_pretrained
+from pathology.models.mhsa import STAGE_STRIDES, MhsaBlocks
+
 MAX_STRIDE = STAGE_STRIDES[-1]
 
 
@@ -53,28 +55,6 @@ MODEL_CONFIGS: dict[str, VariantConfig] = {
     # trainable from scratch in a minute on a laptop CPU. No pretrained weights exist for it.
     "efficientformer_tiny": VariantConfig((16, 32, 64, 128), (1, 1, 2, 1), {32: 1}),
 }
-
-
-def normalize_mhsa_blocks(mhsa_blocks: Mapping[int | str, int] | None, default: Mapping[int, int]) -> dict[int, int]:
-    """Validates an ``{output stride: n MHSA blocks}`` map; keys may be strings (from YAML/JSON).
-
-    Returns:
-        ``{stride: n}`` with int keys in ascending order, zero counts removed.
-
-    Raises:
-        ValueError: a stride that is not a stage's output stride, or a negative count.
-    """
-    source = default if mhsa_blocks is None else mhsa_blocks
-    blocks: dict[int, int] = {}
-    for key, count in source.items():
-        stride = int(key) if str(key).isdigit() else None
-        if stride not in STAGE_STRIDES:
-            raise ValueError(f"mhsa_blocks: stride {key!r} is not one of the stage strides {STAGE_STRIDES}")
-        if int(count) < 0 or int(count) != count:
-            raise ValueError(f"mhsa_blocks: count for stride {stride} must be a non-negative integer, got {count!r}")
-        if count:
-            blocks[stride] = int(count)
-    return dict(sorted(blocks.items()))
 
 
 def token_grid(img_size: tuple[int, int], stride: int) -> tuple[int, int]:
@@ -152,7 +132,7 @@ class EfficientFormer(nn.Module):
         self,
         config: VariantConfig,
         *,
-        mhsa_blocks: dict[int, int],
+        mhsa_blocks: MhsaBlocks,
         num_classes: int,
         img_size: tuple[int, int],
         in_chans: int = 3,
@@ -240,7 +220,7 @@ def list_models() -> list[str]:
 def create_model(
     name: str,
     *,
-    mhsa_blocks: Mapping[int | str, int] | None = None,
+    mhsa_blocks: MhsaBlocks | Mapping[int | str, int] | str | None = None,
     num_classes: int = 1000,
     img_size: int | tuple[int, int] = 224,
     pretrained: str | None = None,
@@ -255,8 +235,9 @@ def create_model(
 
     Args:
         name: one of :func:`list_models`.
-        mhsa_blocks: ``{output stride: n}`` MHSA blocks appended after the stage's pooling blocks;
-            keys may be strings. None: the paper's layout (``{32: 1}`` L1, ``{32: 4}`` L3, ``{32: 8}`` L7).
+        mhsa_blocks: ``{output stride: n}`` MHSA blocks appended after the stage's pooling blocks, in
+            any form :meth:`MhsaBlocks.parse` reads (``"16:2,32:1"``, string keys). None: the paper's
+            layout (``{32: 1}`` L1, ``{32: 4}`` L3, ``{32: 8}`` L7).
         num_classes: classifier outputs; 0 for a model without heads.
         img_size: input ``H`` (= ``W``) or ``(H, W)`` in px, multiples of 32; attention biases are
             built for this grid.
@@ -280,18 +261,17 @@ def create_model(
     size = tuple(int(s) for s in to_2tuple(img_size))
     if any(s <= 0 or s % MAX_STRIDE for s in size):
         raise ValueError(f"img_size {img_size!r} must be positive multiples of {MAX_STRIDE} px")
+    blocks = MhsaBlocks.parse(config.default_mhsa if mhsa_blocks is None else mhsa_blocks)
     model = EfficientFormer(
-        config, mhsa_blocks=normalize_mhsa_blocks(mhsa_blocks, config.default_mhsa), num_classes=num_classes,
+        config, mhsa_blocks=blocks, num_classes=num_classes,
         img_size=size, in_chans=in_chans, drop_rate=drop_rate, proj_drop_rate=proj_drop_rate,
         drop_path_rate=drop_path_rate, layer_scale_init_value=layer_scale_init_value,
     )
     model.pretrained_cfg = {
-        "architecture": name, "mhsa_blocks": dict(model.mhsa_blocks), "num_classes": num_classes,
+        "architecture": name, "mhsa_blocks": model.mhsa_blocks.to_dict(), "num_classes": num_classes,
         "input_size": (in_chans, *size), "mean": IMAGENET_DEFAULT_MEAN, "std": IMAGENET_DEFAULT_STD,
         "interpolation": "bicubic", "pretrained": pretrained,
     }
     if pretrained:
-        from pathology.models.checkpoint import load_pretrained
-
         load_pretrained(model, pretrained, bias_transfer=bias_transfer)
     return model

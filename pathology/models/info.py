@@ -16,9 +16,10 @@ from torch import nn
 from torch.utils.flop_counter import FlopCounterMode
 
 from pathology.models.efficientformer import create_model, list_models
+from pathology.models.mhsa import MhsaBlocks
 from pathology.models.optimize import optimize_for_inference
 
-__all__ = ["ModelInfo", "count_macs", "main", "measure", "median_seconds", "parse_mhsa_blocks"]
+__all__ = ["ModelInfo", "count_macs", "main", "measure", "median_seconds"]
 
 FLOPS_PER_MAC = 2
 WARMUP_RUNS = 1
@@ -41,21 +42,6 @@ class ModelInfo:
     latency_ms: float
     throughput: float
     batch_size: int
-
-
-def parse_mhsa_blocks(text: str) -> dict[int, int]:
-    """``"16:2,32:1"`` -> ``{16: 2, 32: 1}``; ``""`` -> ``{}`` (no MHSA).
-
-    Raises:
-        ValueError: an item that is not ``stride:count`` with integers.
-    """
-    blocks = {}
-    for item in filter(None, (part.strip() for part in text.split(","))):
-        stride, sep, count = item.partition(":")
-        if not sep or not stride.strip().isdigit() or not count.strip().isdigit():
-            raise ValueError(f"--mhsa-blocks item {item!r} is not STRIDE:COUNT, e.g. 16:2,32:1")
-        blocks[int(stride)] = int(count)
-    return blocks
 
 
 def median_seconds(model: nn.Module, x: torch.Tensor, repeats: int) -> float:
@@ -120,7 +106,7 @@ def main(argv: list[str]) -> int:
     if args.threads:
         torch.set_num_threads(args.threads)
     try:
-        mhsa = None if args.mhsa_blocks is None else parse_mhsa_blocks(args.mhsa_blocks)
+        mhsa = None if args.mhsa_blocks is None else MhsaBlocks.parse(args.mhsa_blocks)
         size = (args.img_size[0], args.img_size[-1])
         model = create_model(args.name, mhsa_blocks=mhsa, num_classes=args.num_classes, img_size=size)
     except ValueError as err:

@@ -20,6 +20,7 @@ import sysconfig
 from pathlib import Path
 
 import pandas as pd
+from jsonargparse import ArgumentError
 
 from pathology.inference.infer import infer_slides
 from pathology.inference.outputs import Extras
@@ -57,7 +58,7 @@ nests 60 µm across or as 30 µm wide cords, with equal area and boundary length
 tile at 20x sees part of one nest or cord (epithelium, stroma or a gently curved boundary), a
 128 µm tile at 5x sees discs versus stripes. A tile classifier should therefore reach high
 accuracy for chromatin only at 20x and for architecture only at 5x, near 0.5 (chance) elsewhere;
-the table and the first plot show whether it did. The model is the small `efficientformer_tiny`
+the findings above say whether it did, and the first plot shows it. The model is the small `efficientformer_tiny`
 trained from scratch for 300 steps. With 64 px tiles the /32 stage holds 2 x 2 tokens and the /16
 stage 4 x 4, so the two MHSA placements differ; on tasks this easy expect both to reach similar
 accuracy, within the spread between seeds, so placement shows in the cost (parameters, MACs,
@@ -122,7 +123,7 @@ def main(argv: list[str]) -> int:
     prepare_console(args.threads)
     try:
         report = run_demo(args.out, args.config)
-    except (StudyConfigError, StudyError) as err:
+    except (StudyConfigError, StudyError, ArgumentError) as err:
         print(f"pathology demo: {err}", file=sys.stderr)
         return 2
     results = pd.read_csv(args.out / "results.csv")

@@ -3,7 +3,9 @@
 A config names the slides (a CSV with ``slide_id``, ``slide_path``, ``split`` and one label column per
 task), the tasks and their classes, the grid (resolutions, MHSA placements, tile sizes, seeds) and
 the training config files the ``pathology train`` parser reads. Later files override earlier ones
-key by key; relative paths are read from the folder of the file that gives them. Example::
+key by key; relative paths are read from the folder of the file that gives them. Every file is
+checked against the declared schema (:data:`SECTIONS`): a key it does not declare, such as
+``tilling:`` or ``grid: {seeds: ...}``, is an error naming the file and the closest valid key. Example::
 
     slides_csv: slides.csv
     tasks: {chromatin: [smooth, coarse]}
@@ -16,37 +18,75 @@ key by key; relative paths are read from the folder of the file that gives them.
 """
 from __future__ import annotations
 
+import difflib
 import hashlib
 import itertools
 import json
-from dataclasses import dataclass, field
+from dataclasses import MISSING, dataclass, fields
 from pathlib import Path
 from typing import Any
 
 import yaml
 
-from pathology.models.info import parse_mhsa_blocks
+from pathology.models.mhsa import MhsaBlocks
 from wsi_tiling import Resolution
 
-__all__ = ["StudyConfigError", "Cell", "Study", "expand_grid", "load_study", "mhsa_label"]
-
-GRID_KEYS = ("resolution", "mhsa_blocks", "tile_size", "seed")
-PATH_KEYS = ("slides_csv",)
-OPTIONAL_KEYS = {  # Study field: (config section, key, conversion); an absent key keeps Study's default
-    "min_tissue": ("tiling", "min_tissue", float),
-    "aggregations": ("inference", "aggregations", lambda values: [str(v) for v in values]),
-    "infer_batch_size": ("inference", "batch_size", int),
-    "speed_batch_size": ("speed", "batch_size", int),
-}
+__all__ = ["StudyConfigError", "Cell", "Study", "expand_grid", "load_study"]
 
 
 class StudyConfigError(ValueError):
     """A study config that cannot be used; the message names the file and the key."""
 
 
-def mhsa_label(mhsa_blocks: dict[int, int]) -> str:
-    """``{16: 1, 32: 1}`` -> ``"16:1,32:1"`` (the config and table form); ``{}`` -> ``"none"``."""
-    return ",".join(f"{stride}:{count}" for stride, count in sorted(mhsa_blocks.items())) or "none"
+# The schema of a study config: its sections and their keys, with the defaults of optional ones.
+# A key that is not declared here is an error (a typo must never be ignored silently).
+
+
+@dataclass(frozen=True)
+class GridSection:
+    """``grid:``, each axis a value or a list: resolutions, MHSA placements, tile sizes (px), seeds."""
+
+    resolution: Any
+    mhsa_blocks: Any
+    tile_size: Any
+    seed: Any
+
+
+@dataclass(frozen=True)
+class TrainSection:
+    """``train:``: YAML files given to ``pathology train`` as ``--config`` and further arguments."""
+
+    configs: Any = ()
+    args: Any = ()
+
+
+@dataclass(frozen=True)
+class TilingSection:
+    """``tiling:``: tissue fraction a tile needs."""
+
+    min_tissue: float = 0.5
+
+
+@dataclass(frozen=True)
+class InferenceSection:
+    """``inference:``: slide aggregations (the first gives the slide metrics), tiles per forward pass."""
+
+    aggregations: Any = ("mean", "max")
+    batch_size: int = 64
+
+
+@dataclass(frozen=True)
+class SpeedSection:
+    """``speed:``: batch used to measure throughput."""
+
+    batch_size: int = 16
+
+
+SECTIONS: dict[str, type | None] = {  # top-level key -> its section's schema; None: a value or a free mapping
+    "slides_csv": None, "tasks": None, "grid": GridSection, "train": TrainSection, "tiling": TilingSection,
+    "inference": InferenceSection, "speed": SpeedSection,
+}
+REQUIRED = ("slides_csv", "tasks", "grid", "train")
 
 
 @dataclass(frozen=True)
@@ -63,20 +103,20 @@ class Cell:
 
     task: str
     resolution: Resolution
-    mhsa_blocks: dict[int, int]
+    mhsa_blocks: MhsaBlocks
     tile_size: int
     seed: int
 
     @property
     def name(self) -> str:
         """Folder-safe, readable id, e.g. ``chromatin_20x_mhsa16-1_32-1_64px_seed0``."""
-        mhsa = mhsa_label(self.mhsa_blocks).replace(":", "-").replace(",", "_")
+        mhsa = str(self.mhsa_blocks).replace(":", "-").replace(",", "_")
         return f"{self.task}_{self.resolution}_mhsa{mhsa}_{self.tile_size}px_seed{self.seed}"
 
     def to_dict(self) -> dict[str, Any]:
         """The grid columns of ``results.csv``."""
         return {"task": self.task, "resolution": str(self.resolution), "mpp_or_power": self.resolution.value,
-                "unit": self.resolution.unit, "mhsa_blocks": mhsa_label(self.mhsa_blocks),
+                "unit": self.resolution.unit, "mhsa_blocks": str(self.mhsa_blocks),
                 "tile_size": self.tile_size, "seed": self.seed}
 
 
@@ -100,11 +140,11 @@ class Study:
     tasks: dict[str, list[str]]
     cells: list[Cell]
     train_configs: list[Path]
-    train_args: list[str] = field(default_factory=list)
-    min_tissue: float = 0.5
-    aggregations: list[str] = field(default_factory=lambda: ["mean", "max"])
-    infer_batch_size: int = 64
-    speed_batch_size: int = 16
+    train_args: list[str]
+    min_tissue: float
+    aggregations: list[str]
+    infer_batch_size: int
+    speed_batch_size: int
 
     def fingerprint(self, cell: Cell) -> str:
         """Hash of everything a cell's result depends on: its grid point, training files and args, slides."""
@@ -131,20 +171,47 @@ def expand_grid(grid: dict[str, Any], tasks: list[str], where: str = "config") -
     Raises:
         StudyConfigError: an unknown or missing key, or a value that cannot be read.
     """
-    unknown, missing = set(grid) - set(GRID_KEYS), [k for k in GRID_KEYS if k not in grid]
-    if unknown or missing:
-        raise StudyConfigError(f"{where}: grid needs exactly {list(GRID_KEYS)} (unknown {sorted(unknown)}, "
-                               f"missing {missing})")
+    _check_keys(grid, GridSection, "grid", where, complete=True)
     try:
         resolutions = [Resolution.parse(str(r)) for r in _as_list(grid["resolution"])]
-        mhsa = [parse_mhsa_blocks(m) if isinstance(m, str) else {int(k): int(v) for k, v in m.items()}
-                for m in _as_list(grid["mhsa_blocks"])]
+        mhsa = [MhsaBlocks.parse(m) for m in _as_list(grid["mhsa_blocks"])]
         tile_sizes = [int(t) for t in _as_list(grid["tile_size"])]
         seeds = [int(s) for s in _as_list(grid["seed"])]
-    except (ValueError, TypeError, AttributeError) as err:
+    except (ValueError, TypeError) as err:
         raise StudyConfigError(f"{where}: bad grid value ({err})") from err
     return [Cell(task, res, m, size, seed)
             for task, res, m, size, seed in itertools.product(tasks, resolutions, mhsa, tile_sizes, seeds)]
+
+
+def _unknown_key(key: str, valid: list[str], section: str, where: str | Path) -> StudyConfigError:
+    """The error for ``section.key``, naming the file and the closest valid key."""
+    prefix = f"{section}." if section else ""
+    close = difflib.get_close_matches(key, valid, n=1)
+    hint = f"did you mean {prefix}{close[0]}?" if close else f"valid keys: {', '.join(valid)}"
+    return StudyConfigError(f"{where}: unknown key {prefix}{key} ({hint})")
+
+
+def _check_keys(data: Any, schema: type, section: str, where: str | Path, *, complete: bool) -> None:
+    """Raises when ``data`` is not a mapping, has a key ``schema`` does not declare or, when ``complete``,
+    lacks a key without a default."""
+    if not isinstance(data, dict):
+        raise StudyConfigError(f"{where}: {section} must be a mapping, got {data!r}")
+    declared = [f.name for f in fields(schema)]
+    for key in data:
+        if key not in declared:
+            raise _unknown_key(str(key), declared, section, where)
+    missing = [f.name for f in fields(schema) if f.default is MISSING and f.name not in data]
+    if complete and missing:
+        raise StudyConfigError(f"{where}: {section} lacks {missing}")
+
+
+def _check_schema(data: dict[str, Any], where: str | Path) -> None:
+    """Checks every key of one config file against :data:`SECTIONS`; missing keys are checked after merging."""
+    for key, value in data.items():
+        if key not in SECTIONS:
+            raise _unknown_key(str(key), list(SECTIONS), "", where)
+        if SECTIONS[key] is not None:
+            _check_keys(value, SECTIONS[key], key, where, complete=False)
 
 
 def _merge(base: dict[str, Any], update: dict[str, Any]) -> dict[str, Any]:
@@ -157,31 +224,39 @@ def _merge(base: dict[str, Any], update: dict[str, Any]) -> dict[str, Any]:
 
 
 def _read_yaml(path: Path) -> dict[str, Any]:
-    """Reads one config file with its relative paths made absolute."""
+    """Reads one config file, checks its keys against the schema and makes its relative paths absolute."""
     try:
         data = yaml.safe_load(path.read_text()) or {}
     except (OSError, yaml.YAMLError) as err:
         raise StudyConfigError(f"{path}: not a readable YAML file ({err})") from err
     if not isinstance(data, dict):
         raise StudyConfigError(f"{path}: a study config must be a mapping")
-    for key in PATH_KEYS:
-        if key in data:
-            data[key] = str(path.parent / data[key])
+    _check_schema(data, path)
+    if "slides_csv" in data:
+        data["slides_csv"] = str(path.parent / data["slides_csv"])
     train = data.get("train", {})
     if "configs" in train:
         train["configs"] = [str(path.parent / c) for c in _as_list(train["configs"])]
     return data
 
 
+def _section(data: dict[str, Any], key: str) -> Any:
+    """The section ``key`` of the merged config with the schema's defaults for absent keys."""
+    return SECTIONS[key](**data.get(key, {}))
+
+
 def load_study(paths: list[str | Path], slides_csv: str | Path | None = None) -> Study:
     """Reads and merges study config files (later ones override earlier ones) and expands the grid.
+
+    Every file is checked against the declared schema (:data:`SECTIONS`) before anything runs.
 
     Args:
         paths: the base config, then override files.
         slides_csv: replaces the config's ``slides_csv`` (e.g. the demo's generated slides).
 
     Raises:
-        StudyConfigError: unreadable file, missing or unknown key, missing file it refers to.
+        StudyConfigError: unreadable file, missing key, unknown key (with the closest valid one), bad value,
+            missing file it refers to.
     """
     where = ", ".join(str(p) for p in paths)
     data: dict[str, Any] = {}
@@ -189,17 +264,23 @@ def load_study(paths: list[str | Path], slides_csv: str | Path | None = None) ->
         data = _merge(data, _read_yaml(Path(path)))
     if slides_csv is not None:
         data["slides_csv"] = str(slides_csv)
-    for key in ("slides_csv", "tasks", "grid", "train"):
-        if key not in data:
-            raise StudyConfigError(f"{where}: missing key {key!r}")
+    missing = [key for key in REQUIRED if key not in data]
+    if missing:
+        raise StudyConfigError(f"{where}: missing key(s) {missing}")
+    if not isinstance(data["tasks"], dict) or not data["tasks"]:
+        raise StudyConfigError(f"{where}: tasks must map each label column to its class names")
     tasks = {str(k): [str(c) for c in v] for k, v in data["tasks"].items()}
-    train = data["train"]
-    options = {name: convert(data[section][key]) for name, (section, key, convert) in OPTIONAL_KEYS.items()
-               if key in data.get(section, {})}
-    study = Study(slides_csv=Path(data["slides_csv"]), tasks=tasks,
-                  cells=expand_grid(data["grid"], list(tasks), where),
-                  train_configs=[Path(c) for c in _as_list(train.get("configs", []))],
-                  train_args=[str(a) for a in train.get("args", [])], **options)
+    train, tiling, inference, speed = (_section(data, key) for key in ("train", "tiling", "inference", "speed"))
+    cells = expand_grid(data["grid"], list(tasks), where)
+    try:
+        options = {"min_tissue": float(tiling.min_tissue),
+                   "aggregations": [str(a) for a in _as_list(inference.aggregations)],
+                   "infer_batch_size": int(inference.batch_size), "speed_batch_size": int(speed.batch_size)}
+    except (TypeError, ValueError) as err:
+        raise StudyConfigError(f"{where}: bad value in tiling, inference or speed ({err})") from err
+    study = Study(slides_csv=Path(data["slides_csv"]), tasks=tasks, cells=cells,
+                  train_configs=[Path(c) for c in _as_list(train.configs)],
+                  train_args=[str(a) for a in _as_list(train.args)], **options)
     for path in [study.slides_csv, *study.train_configs]:
         if not path.is_file():
             raise StudyConfigError(f"{where}: {path} not found")

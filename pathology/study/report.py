@@ -1,9 +1,15 @@
-"""The study's summary: means and 95 % confidence intervals over seeds, plots, and ``report.md``.
+"""The study's summary: means and 95 % confidence intervals over seeds, findings in words, plots, ``report.md``.
 
 The interval is Student's t: ``mean ± t(0.975, n - 1) · sd / √n`` over the seeds of a grid point
-(no interval from a single seed). Plots: a metric against magnification, one line per MHSA
-placement and one panel per task; and a metric against throughput with the Pareto front (the
-cells no other cell beats on both).
+(no interval from a single seed). Throughput is a cost, the same for every seed of a grid point: it
+is pooled by the median, so one disturbed measurement does not move it, and a cell more than
+:data:`OUTLIER_FACTOR` away from its grid point's median is flagged. A grid point is *at chance*
+when its interval reaches down to chance (1 / classes for balanced accuracy, 0.5 for AUROC), or,
+with one seed, when its mean is within :data:`CHANCE_MARGIN` of it. Findings per task: the winning
+resolution and MHSA placement, by how much, and whether *beyond the seed spread* (95 % intervals
+apart), and the best cell's checkpoint. Plots: a metric against magnification, one line per MHSA
+placement and one panel per task; and a metric against throughput per grid point with the Pareto
+front (the points not at chance that no other beats on both).
 """
 from __future__ import annotations
 
@@ -19,15 +25,20 @@ from scipy import stats
 from pathology.atomic import atomic_path
 from wsi_tiling.resolution import power_to_mpp
 
-__all__ = ["GROUP_COLUMNS", "REPORT_METRICS", "mean_ci", "summarise", "markdown_table", "pareto_front",
-           "plot_metric_vs_resolution", "plot_pareto", "write_report"]
+__all__ = ["GROUP_COLUMNS", "REPORT_METRICS", "mean_ci", "chance_level", "at_chance", "summarise", "markdown_table",
+           "pareto_front", "plot_metric_vs_resolution", "plot_pareto", "throughput_outliers", "findings_markdown",
+           "write_report"]
 
 GROUP_COLUMNS = ["task", "resolution", "mhsa_blocks", "tile_size"]
 REPORT_METRICS = ["tile_balanced_accuracy", "tile_auroc", "slide_accuracy", "slide_auroc", "throughput"]
-UNBOUNDED_ABOVE = {"throughput"}  # every other report metric is a fraction in [0, 1]
 CI_LEVEL = 0.95
 PLOT_METRIC = "tile_balanced_accuracy"
 PANEL_INCHES = (4.5, 3.6)  # width, height of one task's plot
+METRIC_HEADERS = {"throughput": "throughput (tiles/s, median)"}
+OUTLIER_FACTOR = 1.5  # a cell this many times slower or faster than its grid point's median is flagged
+FRACTION_BOUNDS = (0.0, 1.0)
+CHANCE_MARGIN = 0.05  # a single seed this close to chance is reported as at chance
+ROBUST_METRICS = {"throughput"}  # pooled by the median: one disturbed measurement must not move it
 
 
 def mean_ci(values: Sequence[float], level: float = CI_LEVEL, bounds: tuple[float, float] = (-np.inf, np.inf)
@@ -44,6 +55,22 @@ def mean_ci(values: Sequence[float], level: float = CI_LEVEL, bounds: tuple[floa
     return mean, max(mean - half, bounds[0]), min(mean + half, bounds[1])
 
 
+def chance_level(rows: pd.DataFrame, metric: str) -> float:
+    """Chance of ``metric`` for these rows: 0.5 for AUROC, 1 / classes for accuracies; NaN when unknown."""
+    if "auroc" in metric:
+        return 0.5
+    classes = rows["n_classes"].dropna().unique() if "n_classes" in rows else []
+    return 1.0 / float(classes[0]) if len(classes) == 1 else float("nan")
+
+
+def at_chance(values: pd.Series, chance: float) -> bool:
+    """Whether a grid point's per-seed ``values`` are not told apart from ``chance`` (see module doc)."""
+    mean, low, _ = mean_ci(values.astype(float), bounds=FRACTION_BOUNDS)
+    if not np.isfinite(chance) or not np.isfinite(mean):
+        return False
+    return bool(low <= chance) if np.isfinite(low) else mean <= chance + CHANCE_MARGIN
+
+
 def _field_of_view_um(rows: pd.DataFrame) -> pd.Series:
     """Tile edge in µm where the resolution is in µm/px; objective power uses wsi_tiling's nominal µm/px."""
     mpp = np.where(rows["unit"] == "mpp", rows["mpp_or_power"], power_to_mpp(rows["mpp_or_power"]))
@@ -51,19 +78,22 @@ def _field_of_view_um(rows: pd.DataFrame) -> pd.Series:
 
 
 def summarise(results: pd.DataFrame, metrics: Sequence[str] = REPORT_METRICS) -> pd.DataFrame:
-    """One row per grid point (seeds pooled): ``n_seeds``, and ``<metric>``, ``<metric>_low``,
-    ``<metric>_high`` for each metric present (intervals clipped to [0, 1], throughput to >= 0).
-    Failed cells are left out."""
+    """One row per grid point (seeds pooled): ``n_seeds``, ``at_chance`` (by :data:`PLOT_METRIC`), and
+    ``<metric>``, ``<metric>_low``, ``<metric>_high`` for each metric present (intervals clipped to [0, 1]);
+    throughput is the median over seeds, without an interval. Failed cells are left out."""
     ok = results[results["status"] == "ok"]
     present = [m for m in metrics if m in ok.columns]
     rows = []
     for key, group in ok.groupby(GROUP_COLUMNS, sort=False):
         row = dict(zip(GROUP_COLUMNS, key)) | {"n_seeds": len(group)}
         row["field_um"] = float(_field_of_view_um(group).iloc[0]) if "unit" in group else float("nan")
-        for metric in present:
-            bounds = (0.0, np.inf if metric in UNBOUNDED_ABOVE else 1.0)
-            row[metric], row[f"{metric}_low"], row[f"{metric}_high"] = mean_ci(group[metric].astype(float),
-                                                                                bounds=bounds)
+        for metric in present:  # every metric but throughput is a fraction
+            values = group[metric].astype(float)
+            row[metric], row[f"{metric}_low"], row[f"{metric}_high"] = \
+                (float(values.median()), float("nan"), float("nan")) if metric in ROBUST_METRICS \
+                else mean_ci(values, bounds=FRACTION_BOUNDS)
+        if PLOT_METRIC in group:
+            row["at_chance"] = at_chance(group[PLOT_METRIC], chance_level(group, PLOT_METRIC))
         rows.append(row)
     return pd.DataFrame(rows)
 
@@ -79,7 +109,7 @@ def _fmt(mean: float, low: float, high: float) -> str:
 def markdown_table(summary: pd.DataFrame, metrics: Sequence[str] = REPORT_METRICS) -> str:
     """The summary as a Markdown table, ``mean [95 % CI]`` per metric."""
     present = [m for m in metrics if m in summary.columns]
-    header = [*GROUP_COLUMNS, "field (µm)", "seeds", *present]
+    header = [*GROUP_COLUMNS, "field (µm)", "seeds", *(METRIC_HEADERS.get(m, m) for m in present)]
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     for row in summary.to_dict("records"):
         cells = [str(row[c]) for c in GROUP_COLUMNS] + [f"{row['field_um']:.0f}", str(row["n_seeds"])]
@@ -128,15 +158,22 @@ def plot_metric_vs_resolution(summary: pd.DataFrame, path: Path, metric: str = P
     return _save(fig, path)
 
 
-def plot_pareto(results: pd.DataFrame, path: Path, metric: str = PLOT_METRIC) -> Path:
-    """``metric`` against measured throughput per cell, one panel per task, Pareto front joined."""
-    fig, panels = _task_panels(results[results["status"] == "ok"])
+def plot_pareto(summary: pd.DataFrame, path: Path, metric: str = PLOT_METRIC) -> Path:
+    """``metric`` (mean over seeds) against median throughput per grid point, one panel per task; the
+    Pareto front joins the points not at chance (those are drawn as grey crosses, off the front)."""
+    fig, panels = _task_panels(summary)
     for ax, task, rows in panels:
-        for (res, mhsa), group in rows.groupby(["resolution", "mhsa_blocks"], sort=False):
+        chance = rows["at_chance"].astype(bool) if "at_chance" in rows else pd.Series(False, index=rows.index)
+        for (res, mhsa), group in rows[~chance].groupby(["resolution", "mhsa_blocks"], sort=False):
             ax.scatter(group["throughput"], group[metric], label=f"{res}, MHSA {mhsa}", s=18)
-        front = rows[pareto_front(rows["throughput"].to_numpy(), rows[metric].to_numpy())].sort_values("throughput")
+        if chance.any():
+            ax.scatter(rows.loc[chance, "throughput"], rows.loc[chance, metric], marker="x", color="grey",
+                       label="at chance", s=18)
+        learned = rows[~chance]
+        front = learned[pareto_front(learned["throughput"].to_numpy(), learned[metric].to_numpy())]
+        front = front.sort_values("throughput")
         ax.plot(front["throughput"], front[metric], color="black", lw=1, label="Pareto front")
-        ax.set(title=task, xlabel="throughput (tiles/s, CPU)", ylabel=metric)
+        ax.set(title=task, xlabel="throughput (tiles/s, CPU, median over seeds)", ylabel=metric)
         ax.legend(fontsize=7)
     return _save(fig, path)
 
@@ -148,8 +185,66 @@ def _save(fig: Figure, path: Path) -> Path:
     return path
 
 
+def throughput_outliers(results: pd.DataFrame) -> pd.DataFrame:
+    """Finished cells whose throughput is more than :data:`OUTLIER_FACTOR` away from their grid point's
+    median, with ``median_throughput``: measurements disturbed by other work on the machine."""
+    ok = results[results["status"] == "ok"].copy()
+    if ok.empty or "throughput" not in ok:
+        return ok.iloc[0:0]
+    ok["median_throughput"] = ok.groupby(GROUP_COLUMNS, sort=False)["throughput"].transform("median")
+    ratio = ok["throughput"] / ok["median_throughput"]
+    return ok[(ratio > OUTLIER_FACTOR) | (ratio < 1 / OUTLIER_FACTOR)]
+
+
+def _compare(rows: pd.DataFrame, axis: str, metric: str) -> str:
+    """One sentence: the best value of ``axis`` (its best grid point against the best grid point of the
+    runner-up value), the difference and whether it is beyond the seed spread."""
+    points = [(key, mean_ci(group[metric].astype(float), bounds=FRACTION_BOUNDS)) for key, group in
+              rows.groupby(GROUP_COLUMNS, sort=False)]
+    best_by_value: dict[str, tuple[float, float, float]] = {}
+    for key, interval in points:
+        value = dict(zip(GROUP_COLUMNS, key))[axis]
+        if np.isfinite(interval[0]) and (value not in best_by_value or interval[0] > best_by_value[value][0]):
+            best_by_value[value] = interval
+    ranked = sorted(best_by_value.items(), key=lambda item: -item[1][0])
+    if len(ranked) < 2:
+        return f"only one {axis} ({ranked[0][0] if ranked else 'none'}) finished"
+    (winner, (mean, low, _)), (second, (other, _, other_high)) = ranked[0], ranked[1]
+    if not (np.isfinite(low) and np.isfinite(other_high)):
+        spread = "one seed, so the seed spread is unknown"
+    elif low > other_high:
+        spread = "beyond the seed spread (95 % intervals apart)"
+    else:
+        spread = "within the seed spread (95 % intervals overlap)"
+    return f"{axis} {winner} won: {metric} {mean:.3f} against {other:.3f} at {second} (+{mean - other:.3f}), {spread}"
+
+
+def findings_markdown(results: pd.DataFrame, metric: str) -> str:
+    """The "Findings" section of ``report.md``: per task the winning resolution and MHSA placement,
+    the grid points at chance, the best cell and its checkpoint, then disturbed throughput measurements."""
+    ok = results[results["status"] == "ok"]
+    lines = ["## Findings", "", f"By `{metric}` on the test slides, per task:", ""]
+    for task, rows in ok.groupby("task", sort=False):
+        chance = chance_level(rows, metric)
+        chance_points = [", ".join(str(v) for v in key[1:]) for key, group in rows.groupby(GROUP_COLUMNS, sort=False)
+                         if at_chance(group[metric], chance)]
+        chance_text = f"At chance ({chance:.2f})" if np.isfinite(chance) else "At chance (classes not recorded)"
+        best = rows.loc[rows[metric].astype(float).idxmax()]
+        lines += [f"- **{task}**: {_compare(rows, 'resolution', metric)}; {_compare(rows, 'mhsa_blocks', metric)}.",
+                  f"  {chance_text}: {'; '.join(chance_points) or 'none'}.",
+                  f"  Best cell `{best['cell']}` ({metric} {float(best[metric]):.3f}), checkpoint "
+                  f"`{best.get('checkpoint', 'not recorded')}`."]
+    outliers = throughput_outliers(results)
+    lines += ["", "Throughput (tiles/s on this CPU) in the table and the Pareto plot is the median over a grid "
+              "point's seeds, so one disturbed measurement does not move them; grid points at chance are left "
+              "off the Pareto front."]
+    lines += [f"- cell `{r.cell}` measured {r.throughput:.1f} tiles/s against a median of {r.median_throughput:.1f}: "
+              f"disturbed, not used" for r in outliers.itertuples()]
+    return "\n".join(lines) + "\n"
+
+
 def write_report(out_dir: Path, results: pd.DataFrame, extra: str = "") -> Path:
-    """Writes ``summary.csv``, the two plots and ``report.md`` (table, plots, then ``extra`` Markdown)."""
+    """Writes ``summary.csv``, the two plots and ``report.md`` (table, findings, plots, then ``extra``)."""
     summary = summarise(results)
     with atomic_path(out_dir / "summary.csv") as tmp:
         summary.to_csv(tmp, index=False)
@@ -159,8 +254,10 @@ def write_report(out_dir: Path, results: pd.DataFrame, extra: str = "") -> Path:
              "are on the test slides' tiles; slide metrics aggregate them per slide. Throughput is measured on "
              "this machine's CPU and is only comparable within one run.", "", markdown_table(summary), ""]
     if not summary.empty:
+        lines += [findings_markdown(results, PLOT_METRIC)]
+    if not summary.empty:
         plot_metric_vs_resolution(summary, out_dir / "metric_vs_resolution.png")
-        plot_pareto(results, out_dir / "pareto.png")
+        plot_pareto(summary, out_dir / "pareto.png")
         lines += ["![metric against field of view](metric_vs_resolution.png)", "",
                   "![metric against throughput](pareto.png)", ""]
     failed = results[results["status"] != "ok"]

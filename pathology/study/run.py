@@ -26,20 +26,22 @@ from typing import Any
 import h5py
 import numpy as np
 import pandas as pd
+import torch
 from jsonargparse import ArgumentError
 from tqdm import tqdm
 
-from pathology.checkpoint import CheckpointError, load_inference_model
+from pathology.checkpoint import load_inference_model
 from pathology.data import TileDataError
 from pathology.inference.evaluate import auroc
 from pathology.inference.infer import infer_slides
 from pathology.inference.predict import RunOptions
 from pathology.atomic import atomic_path
 from pathology.inference.results import PREDICTIONS_DIR, scores, write_json
+from pathology.io import CheckpointError
 from pathology.models.info import measure
 from pathology.study.grid import Cell, Study, StudyConfigError, load_study
 from pathology.study.report import write_report
-from pathology.training.cli import fit
+from pathology.training.fit import check_config, fit
 from pathology.training.metrics import classification_metrics
 from pathology.training.module import NonFiniteLossError
 from wsi_tiling import WsiTilingError, setting_name, tile_slide
@@ -123,23 +125,24 @@ def _write_tables(cell: Cell, slides: pd.DataFrame, cell_dir: Path) -> tuple[Pat
     return paths
 
 
-def _train_args(study: Study, cell: Cell, cell_dir: Path, h5_dir: Path, labels: Path, splits: Path) -> list[str]:
-    """``pathology train`` arguments: the study's config files, then this cell's settings."""
-    args = [arg for path in study.train_configs for arg in ("--config", str(path))]
-    return args + [
-        f"--seed_everything={cell.seed}",
-        f"--trainer.default_root_dir={cell_dir / 'train'}",
-        f"--model.img_size={cell.tile_size}",
-        f"--model.mhsa_blocks={json.dumps(cell.mhsa_blocks)}",
-        "--data.source=pathology.data.H5Source",
-        f"--data.source.init_args.h5_dir={h5_dir}",
-        f"--data.source.init_args.slides_csv={labels}",
-        f"--data.class_names={json.dumps(study.tasks[cell.task])}",
-        f"--data.split_csv={splits}",
-        f"--data.tile_size={cell.tile_size}",
-        f"--data.resolution={cell.resolution}",
-        *study.train_args,
-    ]
+def _train_inputs(study: Study, cell: Cell, cell_dir: Path, h5_dir: Path, labels: Path,
+                  splits: Path) -> tuple[list[str], dict[str, Any]]:
+    """``pathology train`` arguments (the study's config files and extra arguments) and this cell's
+    settings as typed values, applied over them."""
+    args = [arg for path in study.train_configs for arg in ("--config", str(path))] + study.train_args
+    values = {
+        "seed_everything": cell.seed,
+        "trainer.default_root_dir": str(cell_dir / "train"),
+        "model.img_size": cell.tile_size,
+        "model.mhsa_blocks": cell.mhsa_blocks,
+        "data.source": {"class_path": "pathology.data.H5Source",
+                        "init_args": {"h5_dir": str(h5_dir), "slides_csv": str(labels)}},
+        "data.class_names": list(study.tasks[cell.task]),
+        "data.split_csv": str(splits),
+        "data.tile_size": cell.tile_size,
+        "data.resolution": str(cell.resolution),
+    }
+    return args, values
 
 
 def _evaluate(study: Study, cell: Cell, test: pd.DataFrame, run_dir: Path, tiles_root: Path,
@@ -189,7 +192,7 @@ def run_cell(study: Study, cell: Cell, out_dir: Path) -> dict[str, Any]:
     start = time.perf_counter()
     h5_dir = _tile(study, cell, slides, tiles_root)
     tiled = time.perf_counter()
-    fitted = fit(_train_args(study, cell, cell_dir, h5_dir, *_write_tables(cell, slides, cell_dir)))
+    fitted = fit(*_train_inputs(study, cell, cell_dir, h5_dir, *_write_tables(cell, slides, cell_dir)))
     trained = time.perf_counter()
     metrics = _evaluate(study, cell, slides[slides["split"] == "test"], cell_dir / "infer", tiles_root,
                         fitted.best_checkpoint)
@@ -217,9 +220,15 @@ def run_study(study: Study, out_dir: str | Path) -> pd.DataFrame:
 
     Raises:
         StudyError: the slides CSV lacks a column or names an unknown split (checked before any cell).
+        jsonargparse.ArgumentError: a training config with an unknown key or a bad value (checked with the
+            first cell's settings, before any cell).
     """
     out_dir = Path(out_dir)
     read_slides(study.slides_csv, list(study.tasks))
+    if study.cells:
+        first = out_dir / "cells" / study.cells[0].name
+        check_config(*_train_inputs(study, study.cells[0], first, first / "h5", first / "labels.csv",
+                                    first / "splits.csv"))
     rows = []
     for cell in tqdm(study.cells, desc="study", unit="cell"):
         path, fingerprint = out_dir / "cells" / cell.name / RESULT_JSON, study.fingerprint(cell)
@@ -227,7 +236,8 @@ def run_study(study: Study, out_dir: str | Path) -> pd.DataFrame:
         if row is not None:
             rows.append({**row, "cached": True})
             continue
-        row = {"cell": cell.name, **cell.to_dict(), "fingerprint": fingerprint}
+        row = {"cell": cell.name, **cell.to_dict(), "n_classes": len(study.tasks[cell.task]),
+               "fingerprint": fingerprint}
         try:
             row |= {"status": STATUS_OK, **run_cell(study, cell, out_dir)}
             write_json(path, row)
@@ -267,8 +277,6 @@ def prepare_console(threads: int | None) -> None:
         logging.getLogger(name).setLevel(logging.WARNING)
     warnings.filterwarnings("ignore", message=r"`isinstance\(treespec, LeafSpec\)` is deprecated")
     if threads:
-        import torch
-
         torch.set_num_threads(threads)
 
 
@@ -279,7 +287,7 @@ def main(argv: list[str]) -> int:
     try:
         study = load_study(args.config, args.slides)
         results = run_study(study, args.out)
-    except (StudyConfigError, StudyError) as err:
+    except (StudyConfigError, StudyError, ArgumentError) as err:
         print(f"pathology study: {err}", file=sys.stderr)
         return 2
     failed = results[results["status"] != STATUS_OK]

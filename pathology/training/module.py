@@ -16,6 +16,7 @@ from torch import nn
 
 from pathology.checkpoint import SPEC_KEY, ModelSpec
 from pathology.models import create_model
+from pathology.models.mhsa import MhsaBlocks
 from pathology.training.metrics import classification_metrics
 from wsi_tiling import Resolution
 
@@ -45,7 +46,7 @@ class TileClassifier(L.LightningModule):
         tile_size: int,
         resolution: str,
         model_name: str = "efficientformer_l1",
-        mhsa_blocks: dict[int, int] | None = None,
+        mhsa_blocks: MhsaBlocks | None = None,
         img_size: int = 224,
         pretrained: str | None = None,
         drop_path_rate: float = 0.0,
@@ -63,7 +64,8 @@ class TileClassifier(L.LightningModule):
             tile_size: tile edge in pixels as cut (linked from the data; recorded for inference).
             resolution: what tiles were cut at, ``"10x"`` or ``"0.50mpp"`` (linked from the data).
             model_name: a registered EfficientFormer variant.
-            mhsa_blocks: {output stride: MHSA blocks}; None keeps the variant's default.
+            mhsa_blocks: {output stride: MHSA blocks} (``"16:2,32:1"`` or a mapping in YAML); None keeps the
+                variant's default.
             img_size: model input edge in pixels (a multiple of 32).
             pretrained: weights file (or hub name) for the backbone; None trains from scratch.
             drop_path_rate: stochastic depth rate.
@@ -79,9 +81,11 @@ class TileClassifier(L.LightningModule):
             balanced_loss: weight the loss by inverse class frequency of the training split instead.
         """
         super().__init__()
+        blocks = None if mhsa_blocks is None else MhsaBlocks.parse(mhsa_blocks)
+        mhsa_blocks = None if blocks is None else str(blocks)  # hparams hold plain types: weights_only loads them
         self.save_hyperparameters()
         self.resolution = Resolution.parse(resolution)
-        self.model = create_model(model_name, mhsa_blocks=mhsa_blocks, num_classes=len(class_names),
+        self.model = create_model(model_name, mhsa_blocks=blocks, num_classes=len(class_names),
                                   img_size=img_size, pretrained=pretrained, drop_path_rate=drop_path_rate,
                                   layer_scale_init_value=layer_scale_init_value)
         weights = None if class_weights is None else torch.tensor(class_weights, dtype=torch.float32)
@@ -101,7 +105,7 @@ class TileClassifier(L.LightningModule):
         """What inference needs to rebuild this model and feed it tiles as in training."""
         hp = self.hparams
         mean, std = self.normalization
-        return ModelSpec(hp.model_name, dict(self.model.mhsa_blocks), tuple(hp.class_names), hp.img_size,
+        return ModelSpec(hp.model_name, self.model.mhsa_blocks, tuple(hp.class_names), hp.img_size,
                          hp.tile_size, self.resolution, mean, std, self.tile_mpp, self.tile_mpp_spread)
 
     def setup(self, stage: str) -> None:

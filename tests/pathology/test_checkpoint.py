@@ -10,6 +10,7 @@ import torch
 
 from pathology.checkpoint import CheckpointError, ModelSpec, load_inference_model, save_checkpoint
 from pathology.models import create_model
+from pathology.models.mhsa import MhsaBlocks
 from wsi_tiling import Resolution
 
 SPEC = ModelSpec(model_name="efficientformer_l1", mhsa_blocks={16: 1, 32: 1}, class_names=("benign", "tumour"),
@@ -77,3 +78,16 @@ def test_weights_of_another_architecture_are_refused(saved: tuple[Path, torch.nn
 def test_missing_checkpoint_names_the_path(tmp_path: Path) -> None:
     with pytest.raises(CheckpointError, match="nothere.ckpt"):
         load_inference_model(tmp_path / "nothere.ckpt")
+
+
+@pytest.mark.parametrize("stored", [{16: 1, 32: 1}, {"16": 1, "32": 1}])
+def test_older_spec_dicts_load_as_mhsa_blocks(saved: tuple[Path, torch.nn.Module], tmp_path: Path,
+                                              stored: dict) -> None:
+    """Checkpoints written before MhsaBlocks hold a plain dict (int keys; str keys after a JSON trip)."""
+    ckpt = torch.load(saved[0], weights_only=True)
+    assert type(ckpt["pathology_spec"]["mhsa_blocks"]) is dict  # still what is written: weights_only reads it
+    ckpt["pathology_spec"]["mhsa_blocks"] = stored
+    path = tmp_path / "old.ckpt"
+    torch.save(ckpt, path)
+    _, spec = load_inference_model(path)
+    assert isinstance(spec.mhsa_blocks, MhsaBlocks) and str(spec.mhsa_blocks) == "16:1,32:1"

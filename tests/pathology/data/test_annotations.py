@@ -64,3 +64,45 @@ def test_invalid_geojson_names_the_file(tmp_path: Path, content: str) -> None:
     path.write_text(content)
     with pytest.raises(AnnotationError, match="broken.geojson"):
         read_geojson(path)
+
+
+def _regions(tmp_path: Path, *features: dict) -> list:
+    return read_geojson(_write(tmp_path / "regions.geojson", list(features)))
+
+
+def test_coverage_of_a_rectangle_computed_by_hand(tmp_path: Path) -> None:
+    """x in [40, 160), y in [0, 50) over 160 px tiles at (0, 0) and (160, 0) (the rectangle reaches
+    into neither the second tile nor below 50 px): (120 x 50) / 160² = 0.234375 of the first tile."""
+    regions = _regions(tmp_path, _feature("tumour", [[[40, 0], [160, 0], [160, 50], [40, 50], [40, 0]]]))
+    coverage = class_coverage(regions, ["tumour"], np.array([[0, 0], [160, 0]]), 160.0)
+    np.testing.assert_allclose(coverage[:, 0], [120 * 50 / 160**2, 0.0])
+
+
+def test_coverage_of_a_triangle_is_its_area_within_the_outline_pixels(tmp_path: Path) -> None:
+    """A right triangle with 4-tile legs over a 4 x 4 block of 64 px tiles: tiles above the diagonal
+    are full, below it empty, on it half covered; in all, half the block (8 tiles' area). The mask
+    has 16 px per tile edge, so a tile on the diagonal is off by at most its 16 outline pixels / 256."""
+    edge = 4 * 64
+    regions = _regions(tmp_path, _feature("tumour", [[[0, 0], [edge, 0], [0, edge], [0, 0]]]))
+    coords = np.array([[x, y] for y in range(0, edge, 64) for x in range(0, edge, 64)])
+    coverage = class_coverage(regions, ["tumour"], coords, 64.0)[:, 0].reshape(4, 4)
+    column, row = np.meshgrid(np.arange(4), np.arange(4))
+    expected = np.where(column + row < 3, 1.0, np.where(column + row == 3, 0.5, 0.0))
+    np.testing.assert_allclose(coverage, expected, atol=16 / 256)
+    assert abs(coverage.sum() - 8.0) <= 4 * 16 / 256
+
+
+def test_hole_in_a_polygon_and_tiles_off_the_mask_grid(tmp_path: Path) -> None:
+    """A 200 px square with a centred 100 px hole covers 0.75 of a 200 px tile at its corner; a tile
+    shifted by half its size (overlapping tiles) sees the square's lower-right quarter minus the
+    hole's: (100² - 50²) / 200² = 0.1875."""
+    square = [[0, 0], [200, 0], [200, 200], [0, 200], [0, 0]]
+    hole = [[50, 50], [150, 50], [150, 150], [50, 150], [50, 50]]
+    regions = _regions(tmp_path, _feature("tumour", [square, hole]))
+    coverage = class_coverage(regions, ["tumour"], np.array([[0, 0], [100, 100]]), 200.0)
+    np.testing.assert_allclose(coverage[:, 0], [0.75, 0.1875])
+
+
+def test_no_tiles_give_an_empty_table(tmp_path: Path) -> None:
+    regions = _regions(tmp_path, _feature("tumour", [_square(0, 0, 10, 10)]))
+    assert class_coverage(regions, ["tumour", "stroma"], np.zeros((0, 2)), 100.0).shape == (0, 2)

@@ -1,6 +1,11 @@
-"""A tiny real study, run once per session: 12 demo slides of 256 µm, two seeds of two training steps."""
+"""A tiny real study, run once per session: 12 demo slides of 256 µm, two seeds of two training steps.
+
+``tiny_study`` is shared and must stay as its run left it: a test that writes into a study folder
+(reruns, resumes, the notebook's figures) takes ``study_copy``, its own copy, so tests pass in any order.
+"""
 from __future__ import annotations
 
+import shutil
 from pathlib import Path
 
 import pandas as pd
@@ -43,3 +48,12 @@ def tiny_study(tmp_path_factory: pytest.TempPathFactory) -> tuple[list[Path], Pa
     configs = [root / "tiny.yaml"]
     results = run_study(load_study(configs, slides_csv), root / "out")
     return configs, slides_csv, root / "out", results
+
+
+@pytest.fixture
+def study_copy(tiny_study: tuple[list[Path], Path, Path, pd.DataFrame],
+               tmp_path: Path) -> tuple[list[Path], Path, Path, pd.DataFrame]:
+    """``tiny_study`` with its study folder copied to ``tmp_path``: this test's to change."""
+    configs, slides_csv, out, results = tiny_study
+    copy = shutil.copytree(out, tmp_path / "study_out")
+    return configs, slides_csv, copy, results

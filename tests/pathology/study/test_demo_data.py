@@ -97,13 +97,16 @@ def test_task_is_learnable_only_at_its_scale(task: str, visible: int, invisible:
     assert _tiny_cnn_accuracy(task, invisible) < 0.65
 
 
-def test_make_demo_slides_writes_balanced_labelled_slides(tmp_path) -> None:
-    """(1, 1, 1) slides per label pair: 12 slides, each split holding every label pair once."""
+def test_make_demo_slides_writes_balanced_labelled_slides(tmp_path, capsys: pytest.CaptureFixture) -> None:
+    """(1, 1, 1) slides per label pair: 12 slides, each split holding every label pair once; a progress
+    bar counts them on stderr (the demo painted for a minute in silence before)."""
     import openslide
 
     manifest = make_demo_slides(tmp_path, per_group=(1, 1, 1), size_um=(256.0, 256.0))
     slides = read_manifest(manifest)
     assert len(slides) == 12
+    err = capsys.readouterr().err
+    assert "painting demo slides: 100%" in err and "12/12" in err
     for split in ("train", "val", "test"):
         pairs = {(s.chromatin, s.architecture) for s in slides if s.split == split}
         assert pairs == {(c, a) for c in ("smooth", "coarse") for a in ("nests", "cords")}

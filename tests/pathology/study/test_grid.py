@@ -5,7 +5,9 @@ from pathlib import Path
 
 import pytest
 
-from pathology.study.grid import Cell, StudyConfigError, expand_grid, load_study, mhsa_label
+from pathology.models.mhsa import MhsaBlocks
+from pathology.study.grid import Cell, StudyConfigError, expand_grid, load_study
+from pathology.study.run import main
 from wsi_tiling import Resolution
 
 BASE = """
@@ -34,8 +36,8 @@ def test_grid_is_the_product_of_its_axes(config_dir: Path) -> None:
     assert len(study.cells) == 48
     assert len({cell.name for cell in study.cells}) == 48
     first = study.cells[0]
-    assert first == Cell("chromatin", Resolution(20, "power"), {32: 1}, 32, 0)
-    assert study.cells[-1] == Cell("architecture", Resolution(2.5, "power"), {16: 1, 32: 1}, 64, 1)
+    assert first == Cell("chromatin", Resolution(20, "power"), MhsaBlocks({32: 1}), 32, 0)
+    assert study.cells[-1] == Cell("architecture", Resolution(2.5, "power"), MhsaBlocks({16: 1, 32: 1}), 64, 1)
     assert {c.resolution for c in study.cells} == {Resolution(20, "power"), Resolution(0.5, "mpp"),
                                                    Resolution(2.5, "power")}
     assert study.train_configs == [config_dir / "train.yaml"]
@@ -56,14 +58,46 @@ def test_mhsa_given_as_a_mapping_and_single_values() -> None:
     grid = {"resolution": "10x", "mhsa_blocks": [{16: 2, 32: 1}, {}], "tile_size": 224, "seed": 3}
     cells = expand_grid(grid, ["t"])
     assert [c.mhsa_blocks for c in cells] == [{16: 2, 32: 1}, {}]
-    assert [mhsa_label(c.mhsa_blocks) for c in cells] == ["16:2,32:1", "none"]
+    assert [str(c.mhsa_blocks) for c in cells] == ["16:2,32:1", "none"]
+    assert all(isinstance(c.mhsa_blocks, MhsaBlocks) for c in cells)
     assert cells[0].name == "t_10x_mhsa16-2_32-1_224px_seed3"
 
 
-def test_unknown_grid_key_names_the_file(config_dir: Path) -> None:
-    (config_dir / "typo.yaml").write_text("grid: {seeds: [0]}\n")
-    with pytest.raises(StudyConfigError, match=r"typo\.yaml.*unknown \['seeds'\]"):
+@pytest.mark.parametrize(("typo", "message"), [
+    ("colour: blue\n", "unknown key colour (valid keys: slides_csv, tasks, grid, train, tiling, inference, speed)"),
+    ("tilling: {min_tissue: 0.8}\n", "unknown key tilling (did you mean tiling?)"),
+    ("grid: {seeds: [0, 1]}\n", "unknown key grid.seeds (did you mean grid.seed?)"),
+    ("inference: {aggregation: [max]}\n", "unknown key inference.aggregation (did you mean inference.aggregations?)"),
+    ("train: {config: [train.yaml]}\n", "unknown key train.config (did you mean train.configs?)"),
+    ("tiling: {min_tisue: 0.8}\n", "unknown key tiling.min_tisue (did you mean tiling.min_tissue?)"),
+])
+def test_a_typo_anywhere_names_the_file_the_key_and_the_closest_key(config_dir: Path, typo: str, message: str) -> None:
+    """Before this check each of these was ignored and the study ran with the defaults."""
+    (config_dir / "typo.yaml").write_text(typo)
+    with pytest.raises(StudyConfigError) as raised:
         load_study([config_dir / "study.yaml", config_dir / "typo.yaml"])
+    assert str(raised.value) == f"{config_dir / 'typo.yaml'}: {message}"
+
+
+def test_study_cli_refuses_a_typo_before_any_work(config_dir: Path, capsys: pytest.CaptureFixture) -> None:
+    (config_dir / "typo.yaml").write_text("train: {config: [train.yaml]}\n")
+    code = main(["--config", str(config_dir / "study.yaml"), "--config", str(config_dir / "typo.yaml"),
+                 "--out", str(config_dir / "out")])
+    assert code == 2
+    assert "typo.yaml: unknown key train.config (did you mean train.configs?)" in capsys.readouterr().err
+    assert not (config_dir / "out").exists()
+
+
+def test_defaults_of_optional_sections(config_dir: Path) -> None:
+    study = load_study([config_dir / "study.yaml"])
+    assert (study.min_tissue, study.aggregations, study.infer_batch_size, study.speed_batch_size) == \
+        (0.5, ["mean", "max"], 64, 16)
+
+
+def test_a_grid_axis_missing_after_merging_is_an_error(config_dir: Path) -> None:
+    (config_dir / "partial.yaml").write_text(BASE.replace("  seed: [0, 1]\n", ""))
+    with pytest.raises(StudyConfigError, match=r"partial\.yaml: grid lacks \['seed'\]"):
+        load_study([config_dir / "partial.yaml"])
 
 
 def test_bad_resolution_and_missing_file_name_the_file(config_dir: Path) -> None:

@@ -4,7 +4,6 @@ from __future__ import annotations
 from pathlib import Path
 
 import nbformat
-import pandas as pd
 import pytest
 from nbclient import NotebookClient
 
@@ -12,9 +11,8 @@ NOTEBOOK = Path(__file__).resolve().parents[3] / "notebooks" / "resolution_study
 TIMEOUT_S = 180
 
 
-def test_notebook_executes_on_a_study_folder(tiny_study, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    configs, slides_csv, out, _ = tiny_study
-    results = pd.read_csv(out / "results.csv")  # other tests may have added a seed
+def test_notebook_executes_on_a_study_folder(study_copy, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    configs, slides_csv, out, results = study_copy
     monkeypatch.setenv("STUDY_DIR", str(out))
     notebook = nbformat.read(NOTEBOOK, as_version=4)
     NotebookClient(notebook, timeout=TIMEOUT_S, kernel_name="python3",

@@ -7,7 +7,7 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from pathology.study.report import markdown_table, mean_ci, pareto_front, summarise, write_report
+from pathology.study.report import findings_markdown, markdown_table, mean_ci, pareto_front, summarise, write_report
 
 T_975_DF2 = 4.302652729911275  # Student t quantile 0.975 with 2 degrees of freedom (tables)
 
@@ -71,3 +71,54 @@ def test_write_report_lists_failures_and_links_plots(tmp_path) -> None:
     assert (tmp_path / "pareto.png").stat().st_size > 0
     assert text.rstrip().endswith("## More")
     assert not list(tmp_path.glob(".*tmp*"))
+
+
+ACCURACY = {("20x", "32:1"): (0.95, 0.97, 0.99), ("20x", "16:1,32:1"): (0.94, 0.96, 0.98),
+            ("5x", "32:1"): (0.50, 0.52, 0.48), ("5x", "16:1,32:1"): (0.55, 0.45, 0.50)}
+THROUGHPUT = {("20x", "32:1"): (100.0, 102.0, 30.0),  # seed 2 measured while the machine was busy
+              ("20x", "16:1,32:1"): (80.0, 81.0, 79.0), ("5x", "32:1"): (400.0, 401.0, 399.0),
+              ("5x", "16:1,32:1"): (300.0, 301.0, 299.0)}
+
+
+def _study_results() -> pd.DataFrame:
+    """Two resolutions x two placements x three seeds of a two-class task; 5x is at chance."""
+    rows = []
+    for (res, mhsa), accuracies in ACCURACY.items():
+        for seed, (accuracy, speed) in enumerate(zip(accuracies, THROUGHPUT[res, mhsa])):
+            name = f"chromatin_{res}_{mhsa}_seed{seed}"
+            rows.append({"cell": name, "task": "chromatin", "resolution": res, "mpp_or_power": float(res[:-1]),
+                         "unit": "power", "mhsa_blocks": mhsa, "tile_size": 64, "seed": seed, "n_classes": 2,
+                         "status": "ok", "tile_balanced_accuracy": accuracy, "throughput": speed,
+                         "checkpoint": f"cells/{name}/best.ckpt", "error": ""})
+    return pd.DataFrame(rows)
+
+
+def test_throughput_is_the_median_and_chance_is_marked() -> None:
+    """20x/32:1 throughput: median(100, 102, 30) = 100, not the mean 77.3. At 5x both intervals reach
+    0.5 (mean 0.5), chance for two classes; at 20x the lower bounds are 0.97 - 0.0497 and 0.96 - 0.0497."""
+    summary = summarise(_study_results())
+    assert summary["throughput"].tolist() == [100.0, 80.0, 400.0, 300.0]
+    assert summary["at_chance"].tolist() == [False, False, True, True]
+    assert summary["tile_balanced_accuracy_low"].iloc[0] == pytest.approx(0.97 - T_975_DF2 * 0.02 / math.sqrt(3))
+    assert "throughput (tiles/s, median)" in markdown_table(summary)
+
+
+def test_findings_say_what_won_by_how_much_and_where_the_checkpoint_is() -> None:
+    """Resolution: 20x (0.970) against 5x (best 0.500): +0.470, intervals [0.920, 1] and [<=0.55]
+    apart. Placement: 32:1 (0.970) against 16:1,32:1 (0.960): +0.010, intervals overlap."""
+    text = findings_markdown(_study_results(), "tile_balanced_accuracy")
+    assert ("resolution 20x won: tile_balanced_accuracy 0.970 against 0.500 at 5x (+0.470), beyond the seed "
+            "spread") in text
+    assert ("mhsa_blocks 32:1 won: tile_balanced_accuracy 0.970 against 0.960 at 16:1,32:1 (+0.010), within the "
+            "seed spread") in text
+    assert "At chance (0.50): 5x, 32:1, 64; 5x, 16:1,32:1, 64." in text
+    assert "Best cell `chromatin_20x_32:1_seed2` (tile_balanced_accuracy 0.990), checkpoint " \
+           "`cells/chromatin_20x_32:1_seed2/best.ckpt`" in text
+    assert "cell `chromatin_20x_32:1_seed2` measured 30.0 tiles/s against a median of 100.0" in text
+    assert text.count("measured") == 1  # 102 / 100 and the other grid points are not flagged
+
+
+def test_one_seed_has_no_spread_to_compare() -> None:
+    results = _study_results()
+    text = findings_markdown(results[results["seed"] == 0], "tile_balanced_accuracy")
+    assert "one seed, so the seed spread is unknown" in text

@@ -51,8 +51,8 @@ def test_test_tiles_count_equals_the_tile_stores(tiny_study) -> None:
     assert results["n_test_tiles"].tolist() == [n_test, n_test]
 
 
-def test_rerun_reads_every_cell_from_cache(tiny_study) -> None:
-    configs, slides_csv, out, results = tiny_study
+def test_rerun_reads_every_cell_from_cache(study_copy) -> None:
+    configs, slides_csv, out, results = study_copy
     before = {c: (out / "cells" / c / RESULT_JSON).stat().st_mtime_ns for c in results["cell"]}
     again = run_study(load_study(configs, slides_csv), out)
     assert again["cached"].all()
@@ -60,9 +60,9 @@ def test_rerun_reads_every_cell_from_cache(tiny_study) -> None:
     assert {c: (out / "cells" / c / RESULT_JSON).stat().st_mtime_ns for c in results["cell"]} == before
 
 
-def test_interrupted_study_resumes_and_a_new_cell_runs_alone(tiny_study, tmp_path) -> None:
+def test_interrupted_study_resumes_and_a_new_cell_runs_alone(study_copy, tmp_path) -> None:
     """Seed 1 lost its result (as if killed mid-cell) and seed 2 is new: only those two run."""
-    configs, slides_csv, out, results = tiny_study
+    configs, slides_csv, out, results = study_copy
     seed0, seed1 = results["cell"]
     (out / "cells" / seed1 / RESULT_JSON).unlink()
     kept = (out / "cells" / seed0 / RESULT_JSON).stat().st_mtime_ns
@@ -87,3 +87,17 @@ def test_cli_reports_a_slides_csv_without_split(tiny_study, tmp_path, capsys) ->
     assert code == 2  # checked before any cell runs
     assert "no_split.csv: missing column(s) ['split']" in capsys.readouterr().err
     assert not (tmp_path / "out" / "cells").exists()
+
+
+def test_a_typo_in_a_training_config_stops_the_study_before_any_cell(tmp_path, capsys) -> None:
+    """The study's training files are parsed with the first cell's settings before anything runs."""
+    (tmp_path / "slides.csv").write_text("slide_id,slide_path,split,chromatin\n")
+    train = Path(__file__).resolve().parents[3] / "configs" / "study_train_demo.yaml"
+    (tmp_path / "typo.yaml").write_text("model: {lrr: 0.1}\n")
+    (tmp_path / "study.yaml").write_text(
+        "slides_csv: slides.csv\ntasks: {chromatin: [smooth, coarse]}\n"
+        "grid: {resolution: [5x], mhsa_blocks: ['32:1'], tile_size: [64], seed: [0]}\n"
+        f"train: {{configs: ['{train}', typo.yaml]}}\n")
+    assert main(["--config", str(tmp_path / "study.yaml"), "--out", str(tmp_path / "out")]) == 2
+    assert "typo.yaml: unknown key 'model.lrr'; did you mean 'model.lr'?" in capsys.readouterr().err
+    assert not (tmp_path / "out").exists()

@@ -7,7 +7,6 @@ import subprocess
 import sys
 from pathlib import Path
 
-import cv2
 import numpy as np
 import pandas as pd
 import pytest
@@ -15,26 +14,12 @@ import torch
 
 from pathology.checkpoint import SPEC_KEY, load_inference_model
 from pathology.training import predict_tiles
-from pathology.training.cli import FitResult, fit, main
+from pathology.training.cli import main
+from pathology.training.fit import FitResult, fit
+from tests.pathology.training.conftest import N_PATIENTS, TILES_PER_CLASS
 
 REPO = Path(__file__).resolve().parents[3]
 TINY_CONFIG = REPO / "configs" / "train_tiny.yaml"
-CLASS_COLOURS = {"neg": (230, 150, 200), "pos": (70, 30, 120)}  # eosin pink, haematoxylin purple (RGB)
-N_PATIENTS, TILES_PER_CLASS, TILE_PX = 8, 6, 32
-
-
-@pytest.fixture(scope="session")
-def tile_folder(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """``tiles/<class>/P<p>_<i>.png``: 8 patients with 6 noisy tiles of each class, 32 px."""
-    root = tmp_path_factory.mktemp("tiny_tiles") / "tiles"
-    rng = np.random.default_rng(0)
-    for name, rgb in CLASS_COLOURS.items():
-        (root / name).mkdir(parents=True)
-        for p in range(N_PATIENTS):
-            for i in range(TILES_PER_CLASS):
-                tile = np.clip(np.array(rgb) + rng.normal(0, 25, (TILE_PX, TILE_PX, 3)), 0, 255).astype(np.uint8)
-                cv2.imwrite(str(root / name / f"P{p}_{i}.png"), tile[..., ::-1])
-    return root
 
 
 def tiny_args(tile_folder: Path, *extra: str) -> list[str]:

@@ -1,0 +1,64 @@
+"""``pathology.training.fit``: typed values over the configs, loggers inside default_root_dir, config
+typos that name their file and the closest key."""
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+from jsonargparse import ArgumentError
+
+from pathology.checkpoint import SPEC_KEY
+from pathology.models.mhsa import MhsaBlocks
+from pathology.training.cli import main
+from pathology.training.fit import fit
+
+REPO = Path(__file__).resolve().parents[3]
+TINY_CONFIG = REPO / "configs" / "train_tiny.yaml"
+
+
+def test_everything_lands_in_default_root_dir_and_values_are_typed(tile_folder: Path, tmp_path: Path,
+                                                                     monkeypatch: pytest.MonkeyPatch) -> None:
+    """The shipped config names runs/tiny; --trainer.default_root_dir moves checkpoints and both logs.
+    ``model.mhsa_blocks`` given as a value (no string) reaches the checkpoint."""
+    work, root = tmp_path / "work", tmp_path / "DIR"
+    work.mkdir()
+    monkeypatch.chdir(work)
+    result = fit(["--config", str(TINY_CONFIG), "--data.source.init_args.root", str(tile_folder),
+                  "--trainer.default_root_dir", str(root), "--data.split_csv", str(root / "splits.csv")],
+                 values={"model.mhsa_blocks": MhsaBlocks({16: 1, 32: 1}), "model.model_name": "efficientformer_tiny"})
+    assert list(work.iterdir()) == []  # nothing under runs/tiny of the working folder
+    assert result.best_checkpoint.is_relative_to(root)
+    assert (root / "csv" / "version_0" / "metrics.csv").is_file()
+    assert (root / "csv" / "version_0" / "config.yaml").is_file()
+    assert list((root / "tensorboard").rglob("events.out.tfevents*"))
+    spec = torch.load(result.best_checkpoint, map_location="cpu", weights_only=True)[SPEC_KEY]
+    assert spec["mhsa_blocks"] == {16: 1, 32: 1} and spec["model_name"] == "efficientformer_tiny"
+    assert "mhsa_blocks: 16:1,32:1" in (root / "csv" / "version_0" / "config.yaml").read_text()
+
+
+@pytest.mark.parametrize(("typo", "message"), [
+    ("model:\n  lrr: 0.1\n", "unknown key 'model.lrr'; did you mean 'model.lr'?"),
+    ("trainer:\n  max_epoch: 1\n", "unknown key 'trainer.max_epoch'; did you mean 'trainer.max_epochs'?"),
+    ("modl:\n  lr: 0.1\n", "unknown key 'modl.lr'; did you mean 'model.lr'?"),
+])
+def test_a_typo_in_a_config_names_the_file_and_the_closest_key(tile_folder: Path, tmp_path: Path, typo: str,
+                                                                message: str) -> None:
+    typo_file = tmp_path / "typo.yaml"
+    typo_file.write_text(typo)
+    with pytest.raises(ArgumentError) as raised:
+        fit(["--config", str(TINY_CONFIG), "--config", str(typo_file)])
+    assert str(raised.value).startswith(f"{typo_file}: {message}")
+
+
+def test_cli_prints_the_file_of_a_typo(tmp_path: Path, capsys: pytest.CaptureFixture, monkeypatch) -> None:
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "typo.yaml").write_text("data:\n  batchsize: 4\n")
+    assert main(["--config", str(TINY_CONFIG), "--config=typo.yaml"]) == 2
+    assert "typo.yaml: unknown key 'data.batchsize'; did you mean 'data.batch_size'?" in capsys.readouterr().err
+    assert not (tmp_path / "runs").exists()
+
+
+def test_a_bad_value_names_the_config_files(tmp_path: Path) -> None:
+    with pytest.raises(ArgumentError, match=r"train_tiny\.yaml: .*mhsa_blocks"):
+        fit(["--config", str(TINY_CONFIG), "--model.mhsa_blocks", "64:1"])
