@@ -16,7 +16,12 @@ from tests.conftest import write_tiff
 from pathology.checkpoint import ModelSpec, load_checkpoint, save_checkpoint
 from pathology.inference.infer import infer_slides
 from pathology.inference.infer import main as infer_main
-from pathology.inference.match import UpsamplingRequiredError, resolution_for_slide, store_matches
+from pathology.inference.match import (
+    UpsamplingRequiredError,
+    match_for_checkpoint,
+    resolution_for_slide,
+    store_matches,
+)
 from pathology.inference.predict import RunOptions
 from pathology.models import create_model
 from wsi_tiling import InMemorySlide, Resolution, plan_read, read_store_info, tile_slide
@@ -61,6 +66,16 @@ def test_old_checkpoint_falls_back_to_nominal_with_a_warning(caplog: pytest.LogC
     with caplog.at_level(logging.WARNING):
         resolution = resolution_for_slide(replace(SPEC, tile_mpp=None), _slide(0.2282, 40, "old.ndpi"))
     assert resolution == Resolution(20, "power") and "old.ndpi" in caplog.text
+
+
+def test_a_checkpoint_asked_in_mpp_is_physical_without_tile_mpp(caplog: pytest.LogCaptureFixture) -> None:
+    spec = replace(SPEC, resolution=Resolution(0.5, "mpp"), tile_mpp=None)
+    with caplog.at_level(logging.WARNING):
+        assert match_for_checkpoint(spec, "physical", Path("old.ckpt")) == "physical"
+        assert resolution_for_slide(spec, _slide(0.2282, 40, "hamamatsu.ndpi")) == Resolution(0.5, "mpp")
+    assert caplog.text == ""
+    assert match_for_checkpoint(replace(SPEC, tile_mpp=None), "physical", Path("old.ckpt")) == "nominal"
+    assert match_for_checkpoint(SPEC, "nominal", Path("new.ckpt")) == "nominal"
 
 
 def test_unknown_match_mode_is_refused() -> None:
