@@ -9,8 +9,8 @@ each batch (:mod:`.predict`) → the slide's files, written atomically: tile pro
 slides whose record matches the checkpoint and settings. Slides are shared among DDP ranks and
 ``--shard`` jobs; ``slides.csv`` and ``summary.json`` are assembled from the records at the end
 (by rank 0) and when the run is interrupted. A slide that fails (missing, unreadable, no
-resolution, would need upsampling) gets status ``error`` and its reason; the others finish. The files written are
-described in :mod:`pathology.inference.results`.
+resolution, would need upsampling) gets status ``error`` and its reason; the others finish. The
+files written are described in :mod:`pathology.inference.results`.
 """
 from __future__ import annotations
 

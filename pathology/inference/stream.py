@@ -87,8 +87,10 @@ class _Failure:
     error: BaseException
 
 
-def _reusable_store(job: SlideJob, h5_path: Path, spec: ModelSpec, target_mpp: float) -> StoreInfo | None:
-    """An existing, readable store cut from this slide at ``target_mpp`` (within 1 %), else None.
+def _reusable_store(job: SlideJob, h5_path: Path, spec: ModelSpec,
+                    target_mpp: float) -> tuple[StoreInfo, int] | None:
+    """An existing, readable store cut from this slide at ``target_mpp`` (within 1 %) and its tile
+    count, else None.
 
     Tissue threshold and stored pixels may differ (e.g. a store written by ``wsi-tile
     --save-tiles``): they change which tiles exist, not what a tile looks like. A store that
@@ -100,8 +102,7 @@ def _reusable_store(job: SlideJob, h5_path: Path, spec: ModelSpec, target_mpp: f
         info = read_store_info(h5_path)
         if not store_matches(info, target_mpp, spec.tile_size, job.slide_path, job.mpp):
             return None
-        len(TileReader(h5_path))  # a truncated store fails here
-        return info
+        return info, len(TileReader(h5_path))  # a truncated store fails here
     except (OSError, KeyError, ValueError):
         return None
 
@@ -116,7 +117,8 @@ def _plan(job: SlideJob, spec: ModelSpec, match: str, allow_upsample: bool) -> t
 
 def tile_for_model(job: SlideJob, spec: ModelSpec, tiles_dir: Path, min_tissue: float, match: str = "physical",
                    allow_upsample: bool = False) -> TiledSlide:
-    """Finds or makes the slide's tile store at the model's resolution; failures become a status.
+    """Finds or makes the slide's tile store at the resolution the match mode gives for the model
+    (:func:`~pathology.inference.match.resolution_for_slide`); failures become a status.
 
     A store is looked for under the resolution tiled at and under the checkpoint's requested one
     (where stores tiled with the training's ``wsi-tile`` command are), and reused when it
@@ -128,13 +130,13 @@ def tile_for_model(job: SlideJob, spec: ModelSpec, tiles_dir: Path, min_tissue: 
         folders = dict.fromkeys([resolution, spec.resolution])
         found = (_reusable_store(job, store_path(tiles_dir, r, spec.tile_size, OVERLAP_PX, job.slide_id), spec,
                                  target_mpp) for r in folders)
-        info = next((info for info in found if info is not None), None)
-        if info is None:
+        reused = next((store for store in found if store is not None), None)
+        if reused is None:
             result = tile_slide(job.slide_path, tiles_dir, resolution, spec.tile_size, overlap=OVERLAP_PX,
                                 min_tissue=min_tissue, slide_mpp=job.mpp, slide_id=job.slide_id, resume=True,
                                 allow_upsample=allow_upsample)
-            info = read_store_info(result.h5_path)
-        n_tiles = len(TileReader(info.h5_path))
+            reused = read_store_info(result.h5_path), result.n_tiles
+        info, n_tiles = reused
     except WsiTilingError as error:
         return TiledSlide(job, STATUS_ERROR, str(error).splitlines()[0], seconds=time.perf_counter() - start)
     status = STATUS_OK if n_tiles else STATUS_NO_TISSUE
