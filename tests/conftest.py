@@ -12,6 +12,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import tifffile
 
 from wsi_tiling import Resolution, tile_slide
 from wsi_tiling.synthetic import BlankPainter, StripesPainter, write_slide
@@ -20,6 +21,7 @@ REPO = Path(__file__).resolve().parents[1]
 
 STRIPES_MPP = 0.25  # µm/px at level 0, i.e. a 40x scan
 STRIPES_PERIOD_UM = 8.0
+TIFF_TILE_PX = 256  # TIFF tile edge of write_tiff's tiled layout
 STRIPES_SIZE_PX = (4096, 3072)  # level-0 (width, height)
 # Two tissue rectangles (x, y, width, height) in µm; the rest is glass.
 STRIPES_TISSUE_UM = ((64.0, 64.0, 448.0, 320.0), (576.0, 448.0, 384.0, 256.0))
@@ -41,6 +43,27 @@ def inside_tissue_boxes(coords: np.ndarray, footprint_um: float) -> np.ndarray:
     for bx, by, bw, bh in STRIPES_TISSUE_UM:
         inside |= (x_um >= bx) & (x_um + footprint_um <= bx + bw) & (y_um >= by) & (y_um + footprint_um <= by + bh)
     return inside
+
+
+def write_tiff(path: Path, levels: list[np.ndarray], *, tiled: bool, ome: bool, metadata: dict | None = None,
+               resolution: tuple[float, float, str] | None = None) -> Path:
+    """Writes an OME-TIFF or plain TIFF that OpenSlide cannot read as a slide: level 0 with the
+    others as SubIFDs (how QuPath and bfconvert write pyramids), lossless.
+
+    Args:
+        levels: (H, W, 3) uint8 images, level 0 first.
+        tiled: TIFF tiles of :data:`TIFF_TILE_PX`, else strips.
+        ome: OME-TIFF, with ``metadata`` (``PhysicalSizeX``...) in its OME-XML.
+        resolution: (x, y, unit) resolution tags, e.g. pixels per ``CENTIMETER``.
+    """
+    layout = {"tile": (TIFF_TILE_PX, TIFF_TILE_PX)} if tiled else {"rowsperstrip": 64}
+    extra = {} if resolution is None else {"resolution": resolution[:2], "resolutionunit": resolution[2]}
+    with tifffile.TiffWriter(path, ome=ome) as tif:
+        tif.write(levels[0], photometric="rgb", compression="zlib", subifds=len(levels) - 1,
+                  metadata=metadata if ome else None, **layout, **extra)
+        for level in levels[1:]:
+            tif.write(level, photometric="rgb", compression="zlib", subfiletype=1, **layout, **extra)
+    return path
 
 
 REQUIRE_DATA_ENV = "PATHOLOGY_REQUIRE_TEST_DATA"  # set by .ci/run: CI must never skip the real-data tests

@@ -1,14 +1,16 @@
 """``pathology infer``: slides in, one slide at a time: tile, predict, write its files, next.
 
-slides → ``wsi_tiling.tile_slide`` at the checkpoint's resolution and tile size (a matching,
-readable store is reused) in a producer thread one slide ahead (:mod:`.stream`) → the model on
+slides → ``wsi_tiling.tile_slide`` at the µm/px the model's training tiles had (``--match
+physical``, the default) or at its requested resolution relative to each slide's objective
+(``--match nominal``; :mod:`.match`), at its tile size (a readable store delivering that µm/px
+within 1 % is reused) in a producer thread one slide ahead (:mod:`.stream`) → the model on
 each batch (:mod:`.predict`) → the slide's files, written atomically: tile probabilities, features
 (``--embeddings``), pictures on request, and last its record (:mod:`.records`). A rerun skips the
 slides whose record matches the checkpoint and settings. Slides are shared among DDP ranks and
 ``--shard`` jobs; ``slides.csv`` and ``summary.json`` are assembled from the records at the end
 (by rank 0) and when the run is interrupted. A slide that fails (missing, unreadable, no
-resolution) gets status ``error`` and its reason; the others finish. The files written are
-described in :mod:`pathology.inference.results`.
+resolution, would need upsampling) gets status ``error`` and its reason; the others finish. The
+files written are described in :mod:`pathology.inference.results`.
 """
 from __future__ import annotations
 
@@ -32,6 +34,7 @@ from tqdm.contrib.logging import logging_redirect_tqdm
 from pathology.checkpoint import CheckpointError, ModelSpec, load_inference_model
 from pathology.inference.aggregate import DEFAULT_AGGREGATIONS, Aggregation, aggregate_all, parse_aggregation
 from pathology.inference.calibrate import Calibration, calibration_path, decide, temper
+from pathology.inference.match import MATCH_MODES, match_for_checkpoint
 from pathology.inference.outputs import FEATURES_DIR, Extras, write_extras, write_features, write_slide_predictions
 from pathology.inference.predict import (
     RUNNER_ERRORS,
@@ -60,7 +63,7 @@ __all__ = ["Extras", "RunOptions", "infer_slides", "main"]
 
 log = logging.getLogger(__name__)
 
-FIRST_COLUMNS = ["slide_id", "slide_path", "status", "n_tiles"]
+FIRST_COLUMNS = ["slide_id", "slide_path", "status", "n_tiles", "slide_mpp", "read_mpp"]
 LAST_COLUMNS = ["error", "seconds"]
 QUIET_LOGGERS = ("lightning.fabric", "lightning.pytorch")  # rank banners and tips
 
@@ -71,6 +74,7 @@ class _Setup:
 
     out_dir: Path
     spec: ModelSpec
+    match: str
     aggregations: tuple[Aggregation, ...]
     calibration: Calibration | None
     extras: Extras
@@ -111,11 +115,12 @@ def _load_calibration(calibration: str | Path | None, checkpoint: Path, spec: Mo
     return loaded, aggregations + ([needed] if needed not in aggregations else [])
 
 
-def _settings(aggregations: Sequence[Aggregation], calibration: Calibration | None, min_tissue: float,
+def _settings(aggregations: Sequence[Aggregation], calibration: Calibration | None, tiling: dict[str, Any],
               extras: Extras, precision: str) -> dict[str, Any]:
     """The run settings that change a slide's numbers or files (hashed into the run key)."""
-    return {"aggregations": [str(a) for a in aggregations], "min_tissue": min_tissue, "extras": asdict(extras),
-            "calibration": None if calibration is None else asdict(calibration), "precision": precision}
+    return {"aggregations": [str(a) for a in aggregations], "extras": asdict(extras),
+            "calibration": None if calibration is None else asdict(calibration), "precision": precision,
+            **{k: v for k, v in tiling.items() if k != "tiles_dir"}}
 
 
 def _write_slide(slide: TiledSlide, probs: np.ndarray, embeddings: np.ndarray | None, setup: _Setup,
@@ -123,7 +128,8 @@ def _write_slide(slide: TiledSlide, probs: np.ndarray, embeddings: np.ndarray | 
     """Writes the slide's files and fills its scores and file list (a picture failure is noted)."""
     out, job = setup.out_dir, slide.job
     with TileReader(slide.h5_path, job.slide_path) as reader:
-        files = [write_slide_predictions(out / PREDICTIONS_DIR / f"{job.slide_id}.h5", reader, probs, setup.spec)]
+        files = [write_slide_predictions(out / PREDICTIONS_DIR / f"{job.slide_id}.h5", reader, probs, setup.spec,
+                                         setup.match)]
         if embeddings is not None:
             files.append(write_features(out / FEATURES_DIR / f"{job.slide_id}.h5", reader, embeddings, setup.spec))
         try:
@@ -145,6 +151,8 @@ def _predict_slide(slide: TiledSlide, images: Iterator[torch.Tensor], setup: _Se
             embeddings.append(batch_embeddings)
     job = slide.job
     record = SlideRecord(job.slide_id, str(job.slide_path), slide.status, slide.n_tiles, error=slide.error, key=key)
+    if slide.info is not None:
+        record.slide_mpp, record.read_mpp = slide.info.slide_mpp, slide.info.target_mpp
     if slide.status == STATUS_OK:
         _write_slide(slide, np.concatenate(probs), np.concatenate(embeddings) if embeddings else None, setup, record)
     record.seconds = slide.seconds + time.perf_counter() - start
@@ -199,7 +207,8 @@ def _summary(checkpoint: Path, checkpoint_hash: str, setup: _Setup, table: pd.Da
     return {
         "checkpoint": str(checkpoint), "checkpoint_hash": checkpoint_hash, "model_name": spec.model_name,
         "mhsa_blocks": spec.mhsa_blocks, "class_names": list(spec.class_names), "resolution": str(spec.resolution),
-        "tile_size": spec.tile_size, "img_size": spec.img_size, "backend": setup.predictor.runner.backend,
+        "tile_mpp": spec.tile_mpp, "match": setup.match, "tile_size": spec.tile_size, "img_size": spec.img_size,
+        "backend": setup.predictor.runner.backend,
         "aggregations": [str(a) for a in aggregations],
         "label_aggregation": str(aggregations[0]) if calibration is None else CALIBRATED,
         "calibration": None if calibration is None else asdict(calibration),
@@ -213,8 +222,8 @@ def _summary(checkpoint: Path, checkpoint_hash: str, setup: _Setup, table: pd.Da
 
 def infer_slides(checkpoint: str | Path, slides: Sequence[str | Path], out_dir: str | Path, *,
                  aggregations: Sequence[str] = DEFAULT_AGGREGATIONS, tiles_dir: str | Path | None = None,
-                 min_tissue: float = 0.5, slide_mpp: float | None = None,
-                 calibration: str | Path | None = "auto", run: RunOptions = RunOptions(),
+                 min_tissue: float = 0.5, slide_mpp: float | None = None, match: str = "physical",
+                 allow_upsample: bool = False, calibration: str | Path | None = "auto", run: RunOptions = RunOptions(),
                  extras: Extras = Extras(), shard_spec: tuple[int, int] | None = None) -> pd.DataFrame | None:
     """Predicts slides with a trained tile classifier, one at a time, and writes the run folder.
 
@@ -231,6 +240,11 @@ def infer_slides(checkpoint: str | Path, slides: Sequence[str | Path], out_dir: 
         min_tissue: tissue fraction a tile needs when slides are tiled here.
         slide_mpp: level-0 µm/px overriding the metadata of every slide without a CSV ``mpp``
             (for slides whose metadata lacks it).
+        match: ``physical``: tile every slide at the µm/px the model's training tiles had
+            (``ModelSpec.tile_mpp``; checkpoints without it are matched nominally, with a
+            warning); ``nominal``: at the requested resolution (e.g. ``20x``) relative to each
+            slide's objective (see :mod:`pathology.inference.match`).
+        allow_upsample: tile slides coarser than that µm/px by interpolating (else they are errors).
         calibration: a calibration JSON, ``auto`` (the checkpoint's ``.calibration.json`` if
             present) or None (argmax of the first aggregation).
         run: devices, batch size, reader processes, precision, progress bar.
@@ -244,24 +258,26 @@ def infer_slides(checkpoint: str | Path, slides: Sequence[str | Path], out_dir: 
     Raises:
         CheckpointError: the checkpoint is missing, not a checkpoint, unsafe, or for another architecture.
         InferenceError: bad calibration file.
-        ValueError: an unknown aggregation.
+        ValueError: an unknown aggregation or match mode.
     """
     start = time.perf_counter()
     checkpoint, out_dir = Path(checkpoint), Path(out_dir)
     methods = [parse_aggregation(a) for a in aggregations]
     model, spec = load_inference_model(checkpoint)
     loaded, methods = _load_calibration(calibration, checkpoint, spec, methods)
+    used = match_for_checkpoint(spec, match, checkpoint)
     checkpoint_hash = weights_hash(model.state_dict(), spec.to_dict())
     jobs, problems = collect_slides(slides)
     jobs = [replace(job, mpp=job.mpp or slide_mpp) for job in jobs]
     if shard_spec is not None:
         jobs = shard(jobs, *shard_spec)
-    settings = _settings(methods, loaded, min_tissue, extras, run.precision)
+    tiling = {"tiles_dir": Path(tiles_dir) if tiles_dir else out_dir / "tiles", "min_tissue": min_tissue,
+              "match": used, "allow_upsample": allow_upsample}
+    settings = _settings(methods, loaded, tiling, extras, run.precision)
     keys = {job.slide_id: run_key(checkpoint_hash, settings, job.slide_path, job.mpp) for job in jobs}
     fabric = start_devices(run)
-    setup = _Setup(out_dir, spec, tuple(methods), loaded, extras, make_predictor(model, fabric, extras.embeddings, run.backend,
-                                                                                  checkpoint.parent))
-    tiling = {"tiles_dir": Path(tiles_dir) if tiles_dir else out_dir / "tiles", "min_tissue": min_tissue}
+    setup = _Setup(out_dir, spec, used, tuple(methods), loaded, extras,
+                   make_predictor(model, fabric, extras.embeddings, run.backend, checkpoint.parent))
     share = jobs[fabric.global_rank::fabric.world_size]
     try:
         n_tiles = _predict_share(share, keys, setup, tiling, run, run.progress_bar and fabric.global_rank == 0)
@@ -292,6 +308,12 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument("--min-tissue", type=float, default=0.5, help="tissue fraction a tile needs")
     parser.add_argument("--slide-mpp", type=float,
                         help="level-0 µm/px overriding the slides' metadata (a CSV mpp column wins)")
+    parser.add_argument("--match", choices=MATCH_MODES, default="physical",
+                        help="physical: tile every slide at the µm/px the model's training tiles had, whatever "
+                             "its scanner; nominal: at the checkpoint's requested resolution (e.g. 20x) relative "
+                             "to each slide's objective (default physical)")
+    parser.add_argument("--allow-upsample", action="store_true",
+                        help="tile slides coarser than the model's µm/px by interpolating (else an error row)")
     parser.add_argument("--calibration", default="auto",
                         help="calibration JSON, 'auto' (next to the checkpoint) or 'none'")
     run = parser.add_argument_group("devices")
@@ -335,7 +357,8 @@ def main(argv: list[str]) -> int:
     try:
         table = infer_slides(args.checkpoint, args.slides, args.out, aggregations=aggregations,
                              tiles_dir=args.tiles_dir, min_tissue=args.min_tissue, slide_mpp=args.slide_mpp,
-                             calibration=calibration, run=run, extras=extras, shard_spec=args.shard)
+                             match=args.match, allow_upsample=args.allow_upsample, calibration=calibration,
+                             run=run, extras=extras, shard_spec=args.shard)
     except (CheckpointError, ValueError, *RUNNER_ERRORS) as error:
         print(f"pathology infer: {error}", file=sys.stderr)
         return 1

@@ -17,8 +17,8 @@ from pathology.checkpoint import ModelSpec
 from wsi_tiling import Resolution, ResolutionUnavailableError, StoreInfo, plan_read
 from wsi_tiling.resolution import SCALE_TOLERANCE, SlideMetadata
 
-__all__ = ["MATCH_MODES", "STORE_MPP_TOLERANCE", "UpsamplingRequiredError", "resolution_for_slide",
-           "store_matches"]
+__all__ = ["MATCH_MODES", "STORE_MPP_TOLERANCE", "UpsamplingRequiredError", "match_for_checkpoint",
+           "resolution_for_slide", "store_matches"]
 
 log = logging.getLogger(__name__)
 
@@ -31,6 +31,34 @@ class UpsamplingRequiredError(ResolutionUnavailableError):
     """The model's µm/px is finer than the slide's own: reaching it would interpolate pixels."""
 
 
+def _check_mode(match: str) -> None:
+    if match not in MATCH_MODES:
+        raise ValueError(f"match must be one of {MATCH_MODES}, got {match!r}")
+
+
+def _records_physics(spec: ModelSpec) -> bool:
+    """Whether physical matching has a µm/px to ask for: the tiles' (or a request that was in µm/px)."""
+    return spec.tile_mpp is not None or spec.resolution.unit == "mpp"
+
+
+def match_for_checkpoint(spec: ModelSpec, match: str, checkpoint: Path) -> str:
+    """The match mode a run uses with this checkpoint: ``nominal`` when ``physical`` has nothing to ask.
+
+    A checkpoint written before training recorded its tiles' µm/px (or trained on image tiles,
+    which carry none) and asked in objective power can only be matched nominally; that is said
+    once, naming the checkpoint. One asked in µm/px is physical either way.
+
+    Raises:
+        ValueError: ``match`` is not one of :data:`MATCH_MODES`.
+    """
+    _check_mode(match)
+    if match == "physical" and not _records_physics(spec):
+        log.warning("%s: the checkpoint does not record its tiles' µm/px; every slide is tiled at the requested "
+                    "%s relative to its own objective (--match nominal)", checkpoint, spec.resolution)
+        return "nominal"
+    return match
+
+
 def resolution_for_slide(spec: ModelSpec, slide: SlideMetadata, match: str = "physical", *,
                          slide_mpp: float | None = None, allow_upsample: bool = False) -> Resolution:
     """The resolution to tile ``slide`` at for the model ``spec`` describes.
@@ -39,8 +67,9 @@ def resolution_for_slide(spec: ModelSpec, slide: SlideMetadata, match: str = "ph
         spec: the checkpoint's model spec.
         slide: the open slide (:class:`~wsi_tiling.SlideReader`): its path, µm/px, objective power
             and levels.
-        match: ``physical`` (the checkpoint's delivered µm/px; the requested resolution, with a
-            warning, for checkpoints that do not record it) or ``nominal`` (the requested resolution).
+        match: ``physical`` (the checkpoint's delivered µm/px; the requested resolution for
+            checkpoints that do not record it, with a warning when that is an objective power) or
+            ``nominal`` (the requested resolution).
         slide_mpp: level-0 µm/px overriding the slide's metadata (``--slide-mpp`` or a CSV column).
         allow_upsample: permit a µm/px finer than the slide's own.
 
@@ -53,19 +82,19 @@ def resolution_for_slide(spec: ModelSpec, slide: SlideMetadata, match: str = "ph
             message names the slide, its µm/px and ``--allow-upsample``.
         MissingResolutionError: the slide's µm/px is unknown (the message names ``--slide-mpp``).
     """
-    if match not in MATCH_MODES:
-        raise ValueError(f"match must be one of {MATCH_MODES}, got {match!r}")
+    _check_mode(match)
     resolution = spec.resolution
-    if match == "physical" and spec.tile_mpp is None:
+    if match == "physical" and not _records_physics(spec):
         log.warning("%s: the checkpoint does not record its tiles' µm/px; tiling at the requested %s "
                     "(nominal matching)", slide.path, spec.resolution)
-    elif match == "physical":
+    elif match == "physical" and spec.tile_mpp is not None:
         resolution = Resolution(spec.tile_mpp, "mpp")
     plan = plan_read(resolution, slide, slide_mpp=slide_mpp, allow_upsample=True)
     if plan.target_downsample * (1 + SCALE_TOLERANCE) < 1 and not allow_upsample:
         raise UpsamplingRequiredError(
             slide.path, f"the model's tiles are {plan.target_mpp:.4g} µm/px, finer than the slide's own "
-            f"{plan.slide_mpp:.4g} µm/px; pass {UPSAMPLE_OPTION} to interpolate (or --match nominal)")
+            f"{plan.slide_mpp:.4g} µm/px; pass {UPSAMPLE_OPTION} to interpolate"
+            + (" (or --match nominal)" if match == "physical" else ""))
     return resolution
 
 

@@ -19,9 +19,6 @@ __all__ = ["Extras", "FEATURES_DIR", "write_extras", "write_features", "write_sl
 
 FEATURES_DIR = "features"
 
-# Attributes of the tile store copied into the prediction file: what was asked and delivered.
-_STORE_ATTRS = ("patch_size", "patch_size_level0", "target_mpp", "slide_mpp", "read_level", "resize_factor",
-                "level0_width", "level0_height")
 HEATMAP_MAX_SIDE_PX = 1024  # longest edge of the thumbnail the heatmaps are drawn on
 
 
@@ -43,22 +40,28 @@ class Extras:
     gallery_k: int = 0
 
 
-def write_slide_predictions(path: Path, reader: TileReader, probs: np.ndarray, spec: ModelSpec) -> Path:
+def write_slide_predictions(path: Path, reader: TileReader, probs: np.ndarray, spec: ModelSpec, match: str) -> Path:
     """Writes ``coords`` (N×2 level-0 px) and ``probs`` (N×C float32), atomically.
 
-    Attributes of ``probs`` record the classes (JSON list), the model, the tile store and its
-    resolution attributes, so the file stands on its own.
+    Attributes of ``probs`` record the classes (JSON list), the model and its requested
+    resolution, the match mode, the tile store and what it delivered (``target_mpp``: the µm/px
+    the slide was read at; ``slide_mpp``; ``patch_size_level0``: a tile's level-0 footprint), so
+    the file stands on its own.
     """
+    info = reader.info
     with atomic_path(path) as tmp, h5py.File(tmp, "w") as file:
         file.create_dataset("coords", data=reader.coords.astype(np.int64))
         dataset = file.create_dataset("probs", data=probs.astype(np.float32))
         dataset.attrs["class_names"] = json.dumps(list(spec.class_names))
         dataset.attrs["model_name"] = spec.model_name
         dataset.attrs["resolution"] = str(spec.resolution)
+        dataset.attrs["match"] = match
         dataset.attrs["tile_store"] = str(reader.h5_path)
         dataset.attrs["slide_path"] = str(reader.slide_path)
-        for key in _STORE_ATTRS:
-            dataset.attrs[key] = reader.attrs[key]
+        dataset.attrs.update({"patch_size": info.tile_size, "patch_size_level0": info.patch_size_level0,
+                              "target_mpp": info.target_mpp, "slide_mpp": info.slide_mpp,
+                              "read_level": info.read_level, "resize_factor": info.resize_factor,
+                              **{key: reader.attrs[key] for key in ("level0_width", "level0_height")}})
     return path
 
 
@@ -92,7 +95,7 @@ def write_extras(out_dir: Path, job: SlideJob, reader: TileReader, probs: np.nda
     Raises:
         WsiTilingError: the slide cannot be read for its thumbnail or gallery tiles.
     """
-    tile_level0 = float(reader.attrs["patch_size_level0"])
+    tile_level0 = float(reader.info.patch_size_level0)
     written = []
     if extras.geojson:
         written.append(write_geojson(out_dir / "geojson" / f"{job.slide_id}.geojson", reader.coords, tile_level0,

@@ -4,9 +4,10 @@ A slide's record, ``records/<slide_id>.json``, is written (atomically) after eve
 the slide, so its presence means the slide finished. It holds the slide's row of ``slides.csv``,
 the files it wrote and the run key: a hash of the checkpoint (weights and spec) and of every
 setting that changes a number or a file (aggregations, calibration, tissue threshold, µm/px
-override, extra outputs, precision) and of the slide file (name and size). A rerun skips a slide
-whose record has the same key, status ``ok`` or ``no-tissue`` and all its files present, and
-redoes every other slide; ``slides.csv`` and ``summary.json`` are assembled from the records.
+override, match mode and upsampling, extra outputs, precision) and of the slide file (name and
+size). A rerun skips a slide whose record has the same key, status ``ok`` or ``no-tissue`` and
+all its files present, and redoes every other slide; ``slides.csv`` and ``summary.json`` are
+assembled from the records.
 """
 from __future__ import annotations
 
@@ -37,6 +38,8 @@ class SlideRecord:
         slide_path: the slide read.
         status: ``ok``, ``no-tissue``, ``error`` or ``pending`` (not finished yet).
         n_tiles: tiles predicted.
+        slide_mpp: the slide's level-0 µm/px as used (None when the slide was not tiled).
+        read_mpp: the µm/px the slide was read at, its tile store's delivered ``target_mpp``.
         scores: the slide's aggregated scores and predicted label (``slides.csv`` columns).
         error: one-line reason, naming the file, when something failed.
         seconds: tiling, prediction and writing time of this slide (s).
@@ -48,6 +51,8 @@ class SlideRecord:
     slide_path: str
     status: str
     n_tiles: int = 0
+    slide_mpp: float | None = None
+    read_mpp: float | None = None
     scores: dict[str, Any] = field(default_factory=dict)
     error: str = ""
     seconds: float = 0.0
@@ -57,7 +62,8 @@ class SlideRecord:
     def row(self) -> dict[str, Any]:
         """The slide's row of ``slides.csv``."""
         return {"slide_id": self.slide_id, "slide_path": self.slide_path, "status": self.status,
-                "n_tiles": self.n_tiles, **self.scores, "error": self.error, "seconds": round(self.seconds, 3)}
+                "n_tiles": self.n_tiles, "slide_mpp": self.slide_mpp, "read_mpp": self.read_mpp,
+                **self.scores, "error": self.error, "seconds": round(self.seconds, 3)}
 
 
 def weights_hash(state_dict: Mapping[str, torch.Tensor], spec: Mapping[str, Any]) -> str:

@@ -2,9 +2,9 @@
 
 Layout of a ``pathology infer --out DIR`` folder::
 
-    DIR/slides.csv                  one row per slide: scores, predicted label, status
-    DIR/summary.json                model, classes, aggregations, calibration, counts, speed
-    DIR/predictions/<slide_id>.h5   coords (N×2 level-0 px), probs (N×C)
+    DIR/slides.csv                  one row per slide: status, slide and read µm/px, scores, predicted label
+    DIR/summary.json                model, classes, tile µm/px, match mode, aggregations, calibration, counts, speed
+    DIR/predictions/<slide_id>.h5   coords (N×2 level-0 px), probs (N×C), read µm/px in probs' attrs
     DIR/features/<slide_id>.h5      features (N×D), coords: CLAM's / TRIDENT's layout (--embeddings)
     DIR/records/<slide_id>.json     the slide's row, files and run key, written last (resuming)
     DIR/heatmaps/  DIR/geojson/  DIR/gallery/   pictures and QuPath objects, when asked for

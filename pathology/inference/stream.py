@@ -10,7 +10,6 @@ prediction, and memory stays one slide's worth whatever the cohort size.
 """
 from __future__ import annotations
 
-import json
 import logging
 import queue
 import threading
@@ -25,9 +24,20 @@ import torch
 
 from pathology.checkpoint import ModelSpec
 from pathology.data import TileDataError, TileDataset, eval_transform
+from pathology.inference.match import resolution_for_slide, store_matches
 from pathology.inference.predict import batches
 from pathology.inference.results import STATUS_ERROR, STATUS_NO_TISSUE, STATUS_OK
-from wsi_tiling import TileReader, WsiTilingError, read_attrs, store_path, tile_slide
+from wsi_tiling import (
+    Resolution,
+    SlideReader,
+    StoreInfo,
+    TileReader,
+    WsiTilingError,
+    plan_read,
+    read_store_info,
+    store_path,
+    tile_slide,
+)
 from wsi_tiling.inputs import SlideJob
 
 __all__ = ["TiledSlide", "SlideStream", "tile_for_model", "slide_dataset"]
@@ -50,6 +60,8 @@ class TiledSlide:
         h5_path: its tile store (None on error).
         n_tiles: tiles in the store.
         seconds: tiling time (s).
+        info: what the store asked for and delivered (its ``target_mpp`` is the µm/px the slide
+            is read at; None on error).
     """
 
     job: SlideJob
@@ -58,6 +70,7 @@ class TiledSlide:
     h5_path: Path | None = None
     n_tiles: int = 0
     seconds: float = 0.0
+    info: StoreInfo | None = None
 
 
 @dataclass(frozen=True)
@@ -74,8 +87,10 @@ class _Failure:
     error: BaseException
 
 
-def _reusable_store(job: SlideJob, h5_path: Path, spec: ModelSpec) -> int | None:
-    """Tile count of an existing, readable store cut from this slide at the model's resolution, else None.
+def _reusable_store(job: SlideJob, h5_path: Path, spec: ModelSpec,
+                    target_mpp: float) -> tuple[StoreInfo, int] | None:
+    """An existing, readable store cut from this slide at ``target_mpp`` (within 1 %) and its tile
+    count, else None.
 
     Tissue threshold and stored pixels may differ (e.g. a store written by ``wsi-tile
     --save-tiles``): they change which tiles exist, not what a tile looks like. A store that
@@ -84,30 +99,49 @@ def _reusable_store(job: SlideJob, h5_path: Path, spec: ModelSpec) -> int | None
     if not h5_path.is_file():
         return None
     try:
-        attrs = read_attrs(h5_path)
-        params = json.loads(attrs["params"])
-        same = (params["resolution"] == str(spec.resolution) and params["tile_size"] == spec.tile_size
-                and params["slide_mpp"] == job.mpp and not params["allow_upsample"]
-                and Path(attrs["slide_path"]).name == job.slide_path.resolve().name)
-        return len(TileReader(h5_path)) if same else None
+        info = read_store_info(h5_path)
+        if not store_matches(info, target_mpp, spec.tile_size, job.slide_path, job.mpp):
+            return None
+        return info, len(TileReader(h5_path))  # a truncated store fails here
     except (OSError, KeyError, ValueError):
         return None
 
 
-def tile_for_model(job: SlideJob, spec: ModelSpec, tiles_dir: Path, min_tissue: float) -> TiledSlide:
-    """Finds or makes the slide's tile store at the model's resolution; failures become a status."""
+def _plan(job: SlideJob, spec: ModelSpec, match: str, allow_upsample: bool) -> tuple[Resolution, float]:
+    """The resolution to tile the slide at (see :func:`~pathology.inference.match.resolution_for_slide`)
+    and the µm/px it delivers."""
+    with SlideReader(job.slide_path) as slide:
+        resolution = resolution_for_slide(spec, slide, match, slide_mpp=job.mpp, allow_upsample=allow_upsample)
+        return resolution, plan_read(resolution, slide, slide_mpp=job.mpp, allow_upsample=True).target_mpp
+
+
+def tile_for_model(job: SlideJob, spec: ModelSpec, tiles_dir: Path, min_tissue: float, match: str = "physical",
+                   allow_upsample: bool = False) -> TiledSlide:
+    """Finds or makes the slide's tile store at the resolution the match mode gives for the model
+    (:func:`~pathology.inference.match.resolution_for_slide`); failures become a status.
+
+    A store is looked for under the resolution tiled at and under the checkpoint's requested one
+    (where stores tiled with the training's ``wsi-tile`` command are), and reused when it
+    delivered the wanted µm/px within 1 % (:func:`~pathology.inference.match.store_matches`).
+    """
     start = time.perf_counter()
-    h5_path = store_path(tiles_dir, spec.resolution, spec.tile_size, OVERLAP_PX, job.slide_id)
     try:
-        n_tiles = _reusable_store(job, h5_path, spec)
-        if n_tiles is None:
-            result = tile_slide(job.slide_path, tiles_dir, spec.resolution, spec.tile_size, overlap=OVERLAP_PX,
-                                min_tissue=min_tissue, slide_mpp=job.mpp, slide_id=job.slide_id, resume=True)
-            h5_path, n_tiles = result.h5_path, result.n_tiles
+        resolution, target_mpp = _plan(job, spec, match, allow_upsample)
+        folders = dict.fromkeys([resolution, spec.resolution])
+        found = (_reusable_store(job, store_path(tiles_dir, r, spec.tile_size, OVERLAP_PX, job.slide_id), spec,
+                                 target_mpp) for r in folders)
+        reused = next((store for store in found if store is not None), None)
+        if reused is None:
+            result = tile_slide(job.slide_path, tiles_dir, resolution, spec.tile_size, overlap=OVERLAP_PX,
+                                min_tissue=min_tissue, slide_mpp=job.mpp, slide_id=job.slide_id, resume=True,
+                                allow_upsample=allow_upsample)
+            reused = read_store_info(result.h5_path), result.n_tiles
+        info, n_tiles = reused
     except WsiTilingError as error:
         return TiledSlide(job, STATUS_ERROR, str(error).splitlines()[0], seconds=time.perf_counter() - start)
     status = STATUS_OK if n_tiles else STATUS_NO_TISSUE
-    return TiledSlide(job, status, h5_path=h5_path, n_tiles=n_tiles, seconds=time.perf_counter() - start)
+    return TiledSlide(job, status, h5_path=info.h5_path, n_tiles=n_tiles, info=info,
+                      seconds=time.perf_counter() - start)
 
 
 def slide_dataset(slide: TiledSlide, spec: ModelSpec) -> TileDataset:

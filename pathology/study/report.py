@@ -7,9 +7,12 @@ is pooled by the median, so one disturbed measurement does not move it, and a ce
 when its interval reaches down to chance (1 / classes for balanced accuracy, 0.5 for AUROC), or,
 with one seed, when its mean is within :data:`CHANCE_MARGIN` of it. Findings per task: the winning
 resolution and MHSA placement, by how much, and whether *beyond the seed spread* (95 % intervals
-apart), and the best cell's checkpoint. Plots: a metric against magnification, one line per MHSA
-placement and one panel per task; and a metric against throughput per grid point with the Pareto
-front (the points not at chance that no other beats on both).
+apart), and the best cell's checkpoint. The resolution axis is physical: each grid point's µm/px is
+what its tile stores delivered (``tile_mpp`` of ``results.csv``), and its field of view that times
+the tile size; the configured resolution (e.g. ``20x``) is shown beside it. Plots: a metric against
+tile field of view, one line per MHSA placement and one panel per task; and a metric against
+throughput per grid point with the Pareto front (the points not at chance that no other beats on
+both).
 """
 from __future__ import annotations
 
@@ -71,14 +74,18 @@ def at_chance(values: pd.Series, chance: float) -> bool:
     return bool(low <= chance) if np.isfinite(low) else mean <= chance + CHANCE_MARGIN
 
 
-def _field_of_view_um(rows: pd.DataFrame) -> pd.Series:
-    """Tile edge in µm where the resolution is in µm/px; objective power uses wsi_tiling's nominal µm/px."""
-    mpp = np.where(rows["unit"] == "mpp", rows["mpp_or_power"], power_to_mpp(rows["mpp_or_power"]))
-    return pd.Series(mpp * rows["tile_size"], index=rows.index)
+def _tile_mpp(rows: pd.DataFrame) -> pd.Series:
+    """µm/px of each cell's tiles: what its stores delivered (``tile_mpp``). Cells recorded before
+    that was stored fall back to the requested µm/px, or wsi_tiling's nominal µm/px of the
+    requested objective power."""
+    requested = pd.Series(np.where(rows["unit"] == "mpp", rows["mpp_or_power"], power_to_mpp(rows["mpp_or_power"])),
+                          index=rows.index, dtype=float)
+    return rows["tile_mpp"].astype(float).fillna(requested) if "tile_mpp" in rows else requested
 
 
 def summarise(results: pd.DataFrame, metrics: Sequence[str] = REPORT_METRICS) -> pd.DataFrame:
-    """One row per grid point (seeds pooled): ``n_seeds``, ``at_chance`` (by :data:`PLOT_METRIC`), and
+    """One row per grid point (seeds pooled): ``n_seeds``, ``tile_mpp`` (delivered, median over seeds)
+    and ``field_um`` (a tile's edge in µm), ``at_chance`` (by :data:`PLOT_METRIC`), and
     ``<metric>``, ``<metric>_low``, ``<metric>_high`` for each metric present (intervals clipped to [0, 1]);
     throughput is the median over seeds, without an interval. Failed cells are left out."""
     ok = results[results["status"] == "ok"]
@@ -86,7 +93,8 @@ def summarise(results: pd.DataFrame, metrics: Sequence[str] = REPORT_METRICS) ->
     rows = []
     for key, group in ok.groupby(GROUP_COLUMNS, sort=False):
         row = dict(zip(GROUP_COLUMNS, key)) | {"n_seeds": len(group)}
-        row["field_um"] = float(_field_of_view_um(group).iloc[0]) if "unit" in group else float("nan")
+        row["tile_mpp"] = float(_tile_mpp(group).median())
+        row["field_um"] = row["tile_mpp"] * float(row["tile_size"])
         for metric in present:  # every metric but throughput is a fraction
             values = group[metric].astype(float)
             row[metric], row[f"{metric}_low"], row[f"{metric}_high"] = \
@@ -107,12 +115,15 @@ def _fmt(mean: float, low: float, high: float) -> str:
 
 
 def markdown_table(summary: pd.DataFrame, metrics: Sequence[str] = REPORT_METRICS) -> str:
-    """The summary as a Markdown table, ``mean [95 % CI]`` per metric."""
+    """The summary as a Markdown table: the configured resolution and the delivered µm/px, then
+    ``mean [95 % CI]`` per metric."""
     present = [m for m in metrics if m in summary.columns]
-    header = [*GROUP_COLUMNS, "field (µm)", "seeds", *(METRIC_HEADERS.get(m, m) for m in present)]
+    header = ["task", "resolution", "µm/px", "mhsa_blocks", "tile_size", "field (µm)", "seeds",
+              *(METRIC_HEADERS.get(m, m) for m in present)]
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     for row in summary.to_dict("records"):
-        cells = [str(row[c]) for c in GROUP_COLUMNS] + [f"{row['field_um']:.0f}", str(row["n_seeds"])]
+        cells = [row["task"], str(row["resolution"]), f"{row['tile_mpp']:.3g}", str(row["mhsa_blocks"]),
+                 str(row["tile_size"]), f"{row['field_um']:.0f}", str(row["n_seeds"])]
         cells += [_fmt(row[m], row[f"{m}_low"], row[f"{m}_high"]) for m in present]
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)
@@ -138,7 +149,8 @@ def _task_panels(table: pd.DataFrame) -> tuple[Figure, list[tuple[Axes, str, pd.
 
 
 def plot_metric_vs_resolution(summary: pd.DataFrame, path: Path, metric: str = PLOT_METRIC) -> Path:
-    """One panel per task: ``metric`` (mean and 95 % CI) against tile field of view, a line per MHSA placement."""
+    """One panel per task: ``metric`` (mean and 95 % CI) against tile field of view at the delivered µm/px,
+    a line per MHSA placement; each point is labelled with its configured resolution and µm/px."""
     fig, panels = _task_panels(summary)
     for ax, task, rows in panels:
         for (mhsa, tile), line in rows.groupby(["mhsa_blocks", "tile_size"], sort=False):
@@ -147,9 +159,11 @@ def plot_metric_vs_resolution(summary: pd.DataFrame, path: Path, metric: str = P
             high = (line[f"{metric}_high"] - line[metric]).fillna(0)
             ax.errorbar(line["field_um"], line[metric], yerr=[low, high], marker="o", capsize=3,
                         label=f"MHSA {mhsa}, {tile} px")
-            for x, y, res in zip(line["field_um"], line[metric], line["resolution"]):
-                ax.annotate(str(res), (x, y), textcoords="offset points", xytext=(4, -10), fontsize=7)
-        ax.set(xscale="log", title=task, xlabel="tile field of view (µm, log)", ylabel=metric)
+            for x, y, res, mpp in zip(line["field_um"], line[metric], line["resolution"], line["tile_mpp"]):
+                ax.annotate(f"{res}, {mpp:.3g} µm/px", (x, y), textcoords="offset points", xytext=(4, -10),
+                            fontsize=7)
+        ax.set(xscale="log", title=task, xlabel="tile field of view (µm at the delivered µm/px, log)",
+               ylabel=metric)
         fields = sorted(rows["field_um"].unique())
         ax.set_xticks(fields, [f"{field:g}" for field in fields])  # the fields studied, not 10^k
         ax.minorticks_off()

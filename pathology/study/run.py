@@ -44,7 +44,7 @@ from pathology.study.report import write_report
 from pathology.training.fit import check_config, fit
 from pathology.training.metrics import classification_metrics
 from pathology.training.module import NonFiniteLossError
-from wsi_tiling import WsiTilingError, setting_name, tile_slide
+from wsi_tiling import WsiTilingError, read_store_info, setting_name, tile_slide
 
 __all__ = ["StudyError", "read_slides", "write_test_slides", "run_cell", "run_study", "add_threads_option",
            "prepare_console", "main"]
@@ -105,6 +105,12 @@ def _tile(study: Study, cell: Cell, slides: pd.DataFrame, tiles_root: Path) -> P
                    slide_mpp=float(row.mpp) if row.mpp else None, slide_id=row.slide_id, save_tiles=True,
                    resume=True)
     return tiles_root / setting_name(cell.resolution, cell.tile_size, 0) / "patches"
+
+
+def _delivered_mpp(h5_dir: Path, slides: pd.DataFrame) -> float:
+    """The µm/px the cell's tiles have: the median of what its slides' stores delivered (one value
+    unless the slides come from scanners of different µm/px, tiled in objective power)."""
+    return float(np.median([read_store_info(h5_dir / f"{slide_id}.h5").target_mpp for slide_id in slides["slide_id"]]))
 
 
 def _write_tables(cell: Cell, slides: pd.DataFrame, cell_dir: Path) -> tuple[Path, Path]:
@@ -182,7 +188,9 @@ def run_cell(study: Study, cell: Cell, out_dir: Path) -> dict[str, Any]:
 
     Returns:
         The cell's metrics on the test slides: ``tile_*`` (every tile labelled as its slide), ``slide_accuracy``,
-        ``slide_auroc``, ``params``, ``macs``, ``throughput``, ``latency_ms``, ``*_seconds``.
+        ``slide_auroc``, ``params``, ``macs``, ``throughput``, ``latency_ms``, ``*_seconds``; and its
+        physical axes: ``tile_mpp``, the µm/px its tile stores delivered (median over slides), and
+        ``field_um``, a tile's edge in µm at that µm/px.
 
     Raises:
         The typed errors of tiling, training and inference (see ``CELL_ERRORS``).
@@ -191,13 +199,15 @@ def run_cell(study: Study, cell: Cell, out_dir: Path) -> dict[str, Any]:
     slides = read_slides(study.slides_csv, list(study.tasks))
     start = time.perf_counter()
     h5_dir = _tile(study, cell, slides, tiles_root)
+    tile_mpp = _delivered_mpp(h5_dir, slides)
     tiled = time.perf_counter()
     fitted = fit(*_train_inputs(study, cell, cell_dir, h5_dir, *_write_tables(cell, slides, cell_dir)))
     trained = time.perf_counter()
     metrics = _evaluate(study, cell, slides[slides["split"] == "test"], cell_dir / "infer", tiles_root,
                         fitted.best_checkpoint)
     inferred = time.perf_counter()
-    return {**metrics, **_speed(fitted.best_checkpoint, study),
+    return {**metrics, **_speed(fitted.best_checkpoint, study), "tile_mpp": tile_mpp,
+            "field_um": tile_mpp * cell.tile_size,
             "tiling_seconds": tiled - start, "train_seconds": trained - tiled, "infer_seconds": inferred - trained,
             "checkpoint": str(fitted.best_checkpoint)}
 

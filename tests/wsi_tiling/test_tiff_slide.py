@@ -9,14 +9,13 @@ import openslide
 import pytest
 import tifffile
 from tests.conftest import (STRIPES_MPP, STRIPES_PERIOD_UM, STRIPES_SIZE_PX, STRIPES_TISSUE_UM, inside_tissue_boxes,
-                            stripe_period_px)
+                            stripe_period_px, write_tiff)
 
 from wsi_tiling import Resolution, SlideOpenError, SlideReader, TileReader, read_store_info, tile_slide
 from wsi_tiling.cli import main as wsi_tile
 from wsi_tiling.synthetic import StripesPainter
 
 DOWNSAMPLES = (1, 4, 16)
-TILE_PX = 256
 UM_PER_CM = 10_000.0
 UM_PER_INCH = 25_400.0
 
@@ -27,19 +26,6 @@ def _levels(downsamples: tuple[int, ...]) -> list[np.ndarray]:
     return [painter(0, 0, width // d, height // d, d) for d in downsamples]
 
 
-def _write(path: Path, levels: list[np.ndarray], *, tiled: bool, ome: bool, metadata: dict | None = None,
-           resolution: tuple[float, float, str] | None = None) -> Path:
-    """Level 0 with the others as SubIFDs (how QuPath and bfconvert write pyramids), lossless."""
-    layout = {"tile": (TILE_PX, TILE_PX)} if tiled else {"rowsperstrip": 64}
-    extra = {} if resolution is None else {"resolution": resolution[:2], "resolutionunit": resolution[2]}
-    with tifffile.TiffWriter(path, ome=ome) as tif:
-        tif.write(levels[0], photometric="rgb", compression="zlib", subifds=len(levels) - 1,
-                  metadata=metadata if ome else None, **layout, **extra)
-        for level in levels[1:]:
-            tif.write(level, photometric="rgb", compression="zlib", subfiletype=1, **layout, **extra)
-    return path
-
-
 @pytest.fixture(scope="module")
 def tiff_slides(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     folder = tmp_path_factory.mktemp("tiffs")
@@ -48,15 +34,15 @@ def tiff_slides(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
                   "PhysicalSizeY": STRIPES_MPP * 1000, "PhysicalSizeYUnit": "nm"}
     grey = np.zeros((256, 256), np.uint16)
     return {
-        "ome_pyramid": _write(folder / "ome_pyramid.ome.tif", pyramid, tiled=True, ome=True, metadata=nanometres),
-        "ome_strips": _write(folder / "ome_strips.ome.tif", single, tiled=False, ome=True,
+        "ome_pyramid": write_tiff(folder / "ome_pyramid.ome.tif", pyramid, tiled=True, ome=True, metadata=nanometres),
+        "ome_strips": write_tiff(folder / "ome_strips.ome.tif", single, tiled=False, ome=True,
                              metadata={"PhysicalSizeX": STRIPES_MPP, "PhysicalSizeY": STRIPES_MPP}),
-        "ome_no_size": _write(folder / "ome_no_size.ome.tif", single, tiled=True, ome=True, metadata={}),
-        "plain_strips_cm": _write(folder / "plain_strips_cm.tif", single, tiled=False, ome=False,
+        "ome_no_size": write_tiff(folder / "ome_no_size.ome.tif", single, tiled=True, ome=True, metadata={}),
+        "plain_strips_cm": write_tiff(folder / "plain_strips_cm.tif", single, tiled=False, ome=False,
                                   resolution=(UM_PER_CM / STRIPES_MPP, UM_PER_CM / STRIPES_MPP, "CENTIMETER")),
-        "plain_pyramid_inch": _write(folder / "plain_pyramid_inch.tif", pyramid, tiled=False, ome=False,
+        "plain_pyramid_inch": write_tiff(folder / "plain_pyramid_inch.tif", pyramid, tiled=False, ome=False,
                                      resolution=(UM_PER_INCH / STRIPES_MPP, UM_PER_INCH / STRIPES_MPP, "INCH")),
-        "plain_no_unit": _write(folder / "plain_no_unit.tif", single, tiled=False, ome=False),
+        "plain_no_unit": write_tiff(folder / "plain_no_unit.tif", single, tiled=False, ome=False),
         "grey": Path(tifffile.imwrite(folder / "grey.ome.tif", grey, ome=True, photometric="minisblack") or
                      folder / "grey.ome.tif"),
     }

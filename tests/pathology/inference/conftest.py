@@ -37,7 +37,8 @@ CLASSES = ("pink", "blue")
 LOGIT = 20.0
 
 
-def _image(left: tuple[int, int, int], right: tuple[int, int, int] | None = None) -> np.ndarray:
+def tissue_image(left: tuple[int, int, int], right: tuple[int, int, int] | None = None) -> np.ndarray:
+    """A level-0 slide image: glass with the tissue box in ``left``, its last column in ``right``."""
     image = np.full((SLIDE_PX, SLIDE_PX, 3), WHITE, np.uint8)
     lo, hi = BOX_PX
     image[lo:hi, lo:hi] = left
@@ -86,12 +87,12 @@ def two_class_set(tmp_path_factory: pytest.TempPathFactory) -> TwoClassSet:
     root = tmp_path_factory.mktemp("two_class")
     slides = root / "slides"
     slides.mkdir()
-    images = {"pink_1": _image(PINK), "pink_2": _image(PINK), "blue_1": _image(BLUE), "blue_2": _image(BLUE),
-              "mixed": _image(PINK, BLUE), "blank": _image(WHITE)}
+    images = {"pink_1": tissue_image(PINK), "pink_2": tissue_image(PINK), "blue_1": tissue_image(BLUE),
+              "blue_2": tissue_image(BLUE), "mixed": tissue_image(PINK, BLUE), "blank": tissue_image(WHITE)}
     paths = {name: write_slide(slides / f"{name}.svs", image, mpp=SLIDE_MPP, objective_power=20,
                                downsamples=(1, 4), compression="zlib") for name, image in images.items()}
     # 4 µm/px (2.5x) cannot give the model's 2 µm/px without upsampling.
-    paths["coarse"] = write_slide(root / "coarse.svs", _image(PINK)[::8, ::8], mpp=4.0, objective_power=2.5,
+    paths["coarse"] = write_slide(root / "coarse.svs", tissue_image(PINK)[::8, ::8], mpp=4.0, objective_power=2.5,
                                   downsamples=(1,), compression="zlib")
     labels = root / "labels.csv"
     pd.DataFrame({"slide_id": ["pink_1", "pink_2", "blue_1", "blue_2", "mixed"],

@@ -59,7 +59,24 @@ def test_summary_pools_seeds_and_skips_failed_cells() -> None:
     # Field of view: 32 px at 10 / 20 = 0.5 µm/px is 16 µm; at 2.5x, 4 µm/px, 128 µm.
     assert summary["field_um"].tolist() == pytest.approx([16.0, 128.0])
     table = markdown_table(summary)
-    assert "| chromatin | 20x | 32:1 | 32 | 16 | 2 | 0.85 [" in table
+    assert "| chromatin | 20x | 0.5 | 32:1 | 32 | 16 | 2 | 0.85 [" in table
+
+
+def test_resolution_axis_is_the_delivered_mpp_with_the_configured_power_beside_it(tmp_path) -> None:
+    """A 0.2282 µm/px 40x scanner: 20x delivered 2 x 0.2282 = 0.4564 µm/px, so a 32-px tile is 14.6 µm
+    (nominal: 16); 2.5x delivered 16 x 0.2282 = 3.651 µm/px, 116.8 µm (nominal: 128)."""
+    results = _results()
+    results["tile_mpp"] = results["resolution"].map({"20x": 2 * 0.2282, "2.5x": 16 * 0.2282})
+    results.loc[results["cell"] == "broken", "tile_mpp"] = float("nan")  # failed before tiling finished
+    summary = summarise(results)
+    assert summary["tile_mpp"].tolist() == pytest.approx([0.4564, 3.6512])
+    assert summary["field_um"].tolist() == pytest.approx([32 * 0.4564, 32 * 3.6512])
+    table = markdown_table(summary)
+    assert "| chromatin | 20x | 0.456 | 32:1 | 32 | 15 | 2 |" in table
+    assert "| chromatin | 2.5x | 3.65 | 32:1 | 32 | 117 | 2 |" in table
+    write_report(tmp_path, results)
+    assert (tmp_path / "metric_vs_resolution.png").stat().st_size > 0
+    assert pd.read_csv(tmp_path / "summary.csv")["field_um"].tolist() == pytest.approx([14.6048, 116.8384])
 
 
 def test_write_report_lists_failures_and_links_plots(tmp_path) -> None:

@@ -33,7 +33,10 @@ def test_every_cell_is_trained_evaluated_and_timed(tiny_study) -> None:
         assert len(slides) == N_TEST_SLIDES
     written = pd.read_csv(out / "results.csv")
     assert written["cell"].tolist() == results["cell"].tolist()
-    assert (out / "report.md").read_text().count("| chromatin | 2.5x | 32:1 | 32 | 128 | 2 |") == 1
+    # the demo slides are 0.5 µm/px 20x scans: 2.5x delivered 4 µm/px, a 32-px tile 128 µm
+    assert results["tile_mpp"].tolist() == pytest.approx([4.0, 4.0])
+    assert written["field_um"].tolist() == pytest.approx([128.0, 128.0])
+    assert (out / "report.md").read_text().count("| chromatin | 2.5x | 4 | 32:1 | 32 | 128 | 2 |") == 1
 
 
 def test_test_tiles_count_equals_the_tile_stores(tiny_study) -> None:

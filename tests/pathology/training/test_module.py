@@ -10,13 +10,14 @@ import pandas as pd
 import pytest
 import torch
 from lightning.pytorch.callbacks import ModelCheckpoint
-from tests.conftest import SCANNER_TILE_PX
+from tests.conftest import SCANNER_TILE_PX, STRIPES_PERIOD_UM, write_tiff
 from torch.utils.data import DataLoader, TensorDataset
 
-from pathology.checkpoint import SPEC_KEY, load_checkpoint, save_checkpoint
+from pathology.checkpoint import SPEC_KEY, ModelSpec, load_checkpoint, save_checkpoint
 from pathology.data import H5Source, TileDataModule, TilingMismatchError
 from pathology.training import NonFiniteLossError, TileClassifier, TimeBudget, classification_metrics, warmup_cosine
-from wsi_tiling import Resolution
+from wsi_tiling import Resolution, read_store_info, tile_slide
+from wsi_tiling.synthetic import StripesPainter
 
 IMG_PX = 32
 
@@ -103,23 +104,45 @@ def test_time_budget_replans_epochs_and_the_schedule_follows(planned_epochs: int
     assert trainer.optimizers[0].param_groups[0]["lr"] == pytest.approx(0.0, abs=1e-12)  # cosine ended at step 6
 
 
-def test_mixed_scanner_stores_train_and_the_checkpoint_records_their_mpp(scanner_stores: Path, tmp_path: Path) -> None:
-    slide_ids = ["aperio_a", "close_a", "aperio_b", "close_b"]  # 1.0, 0.99, 1.0, 0.99 µm/px at "10x"
+def _fit_one_step(h5_dir: Path, labels: dict[str, str], resolution: str, tmp_path: Path) -> ModelSpec:
+    """One training step on the stores of the slides ``labels`` names; the spec of the checkpoint saved."""
+    slide_ids = list(labels)
     csv = tmp_path / "slides.csv"
-    pd.DataFrame({"slide_id": slide_ids, "patient_id": slide_ids, "label": ["neg", "pos", "pos", "neg"]}).to_csv(csv)
+    pd.DataFrame({"slide_id": slide_ids, "patient_id": slide_ids, "label": list(labels.values())}).to_csv(csv)
     splits = tmp_path / "splits.csv"
     pd.DataFrame({"patient_id": slide_ids, "fold": 1}).to_csv(splits, index=False)  # all training (val is fold 0)
-    data = TileDataModule(H5Source(scanner_stores, csv), ["neg", "pos"], splits, SCANNER_TILE_PX, "10x",
+    data = TileDataModule(H5Source(h5_dir, csv), ["neg", "pos"], splits, SCANNER_TILE_PX, resolution,
                           img_size=IMG_PX, batch_size=4)
-    model = TileClassifier(["neg", "pos"], tile_size=SCANNER_TILE_PX, resolution="10x", img_size=IMG_PX,
+    model = TileClassifier(["neg", "pos"], tile_size=SCANNER_TILE_PX, resolution=resolution, img_size=IMG_PX,
                            model_name="efficientformer_tiny")
     trainer = L.Trainer(accelerator="cpu", max_steps=1, limit_val_batches=0, logger=False, enable_progress_bar=False,
                         enable_model_summary=False, enable_checkpointing=False)
     trainer.fit(model, datamodule=data)
     trainer.save_checkpoint(tmp_path / "model.ckpt")
-    _, spec = load_checkpoint(tmp_path / "model.ckpt")
+    return load_checkpoint(tmp_path / "model.ckpt")[1]
+
+
+def test_mixed_scanner_stores_train_and_the_checkpoint_records_their_mpp(scanner_stores: Path, tmp_path: Path) -> None:
+    # 1.0, 0.99, 1.0, 0.99 µm/px at "10x"
+    labels = {"aperio_a": "neg", "close_a": "pos", "aperio_b": "pos", "close_b": "neg"}
+    spec = _fit_one_step(scanner_stores, labels, "10x", tmp_path)
     assert spec.resolution == Resolution(10, "power")
     assert spec.tile_mpp == pytest.approx(0.995) and spec.tile_mpp_spread == pytest.approx(0.01 / 0.995)
+
+
+def test_stores_of_ome_tiff_and_plain_tiff_slides_train(tmp_path: Path) -> None:
+    mpp = 0.5  # level 0; tiled at 1.0 µm/px, 64-px tiles
+    painter = StripesPainter(mpp, STRIPES_PERIOD_UM, ((0.0, 0.0, 600.0, 600.0),))
+    image = painter(0, 0, 1280, 1280, 1)
+    slides = {"ome": write_tiff(tmp_path / "ome.ome.tif", [image, image[::4, ::4]], tiled=True, ome=True,
+                                metadata={"PhysicalSizeX": mpp, "PhysicalSizeY": mpp}),
+              "plain": write_tiff(tmp_path / "plain.tif", [image], tiled=False, ome=False,
+                                  resolution=(1e4 / mpp, 1e4 / mpp, "CENTIMETER"))}
+    stores = [tile_slide(path, tmp_path / "tiles", Resolution(1.0, "mpp"), SCANNER_TILE_PX).h5_path
+              for path in slides.values()]
+    assert [read_store_info(path).reader for path in stores] == ["tifffile", "tifffile"]
+    spec = _fit_one_step(stores[0].parent, {"ome": "neg", "plain": "pos"}, "1.00mpp", tmp_path)
+    assert spec.tile_mpp == pytest.approx(1.0) and spec.tile_mpp_spread == pytest.approx(0.0)
 
 
 def test_stores_beyond_the_mpp_tolerance_stop_training_naming_the_slide(scanner_stores: Path, tmp_path: Path) -> None:
