@@ -39,6 +39,7 @@ from pathology.atomic import atomic_path
 from pathology.inference.results import PREDICTIONS_DIR, scores, write_json
 from pathology.io import CheckpointError
 from pathology.models.cost import measure
+from pathology.models.efficientformer import DEFAULT_ACT_LAYER
 from pathology.study.grid import Cell, Study, StudyConfigError, load_study
 from pathology.study.report import write_report
 from pathology.training.fit import check_config, fit
@@ -142,6 +143,7 @@ def _train_inputs(study: Study, cell: Cell, cell_dir: Path, h5_dir: Path, labels
         "trainer.default_root_dir": str(cell_dir / "train"),
         "model.img_size": cell.tile_size,
         "model.mhsa_blocks": cell.mhsa_blocks,
+        "model.act_layer": cell.act_layer,
         "data.source": {"class_path": "pathology.data.H5Source",
                         "init_args": {"h5_dir": str(h5_dir), "slides_csv": str(labels)}},
         "data.class_names": list(study.tasks[cell.task]),
@@ -219,12 +221,15 @@ def run_cell(study: Study, cell: Cell, out_dir: Path) -> dict[str, Any]:
 
 
 def _cached(path: Path, fingerprint: str) -> dict[str, Any] | None:
-    """The stored row when ``path`` holds a finished result with this fingerprint, else None."""
+    """The stored row when ``path`` holds a finished result with this fingerprint, else None; a row
+    stored before ``act_layer`` was an axis is a gelu cell."""
     try:
         stored = json.loads(path.read_text())
     except (OSError, ValueError):
         return None
-    return stored if stored.get("fingerprint") == fingerprint and stored.get("status") == STATUS_OK else None
+    if stored.get("fingerprint") != fingerprint or stored.get("status") != STATUS_OK:
+        return None
+    return {"act_layer": DEFAULT_ACT_LAYER, **stored}
 
 
 def run_study(study: Study, out_dir: str | Path) -> pd.DataFrame:
