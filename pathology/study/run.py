@@ -34,7 +34,7 @@ from pathology.checkpoint import load_inference_model
 from pathology.data import TileDataError
 from pathology.inference.evaluate import auroc
 from pathology.inference.infer import infer_slides
-from pathology.inference.predict import RunOptions
+from pathology.inference.predict import RUNNER_ERRORS, RunOptions
 from pathology.atomic import atomic_path
 from pathology.inference.results import PREDICTIONS_DIR, scores, write_json
 from pathology.io import CheckpointError
@@ -58,7 +58,8 @@ SPLITS = ("train", "val", "test")
 VAL_FOLD, TRAIN_FOLD = 0, 1
 STATUS_OK, STATUS_ERROR = "ok", "error"
 SPEED_REPEATS = 3  # timed batches per cell (median kept); the report then takes the median over seeds
-CELL_ERRORS = (WsiTilingError, TileDataError, CheckpointError, NonFiniteLossError, ArgumentError, ValueError, OSError)
+CELL_ERRORS = (WsiTilingError, TileDataError, CheckpointError, NonFiniteLossError, ArgumentError, ValueError, OSError,
+               *RUNNER_ERRORS)  # a backend that cannot run the model fails its cell, not the study
 
 
 class StudyError(ValueError):
