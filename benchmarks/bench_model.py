@@ -41,7 +41,7 @@ from tqdm import tqdm
 
 from pathology.atomic import atomic_path
 from pathology.models import create_model, optimize_for_inference
-from pathology.models.info import count_macs
+from pathology.models.cost import count_macs
 from pathology.models.runtime import BACKENDS, choose_backend
 
 BASELINE_SIZE = 224

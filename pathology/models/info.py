@@ -1,4 +1,7 @@
-"""``pathology model-info``: parameters, MACs and measured CPU latency/throughput of a model.
+"""``pathology model-info``: parameters, MACs and measured latency/throughput of a model.
+
+A thin command over :func:`pathology.models.cost.measure` and
+:func:`pathology.models.latency.measure_latency`; speed is timed through the backend inference uses.
 
 Example::
 
@@ -9,87 +12,18 @@ from __future__ import annotations
 
 import argparse
 import sys
-import time
-from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-from torch import nn
-from torch.utils.flop_counter import FlopCounterMode
 
+from pathology.models.cost import measure
 from pathology.models.efficientformer import ACT_LAYERS, create_model, list_models
+from pathology.models.export import ExportError
 from pathology.models.latency import format_table, measure_latency, write_json
 from pathology.models.mhsa import MhsaBlocks
-from pathology.models.optimize import fuse_for_inference
 from pathology.models.runtime import BACKENDS, BackendUnavailable
 
-__all__ = ["ModelInfo", "count_macs", "main", "measure", "median_seconds"]
-
-FLOPS_PER_MAC = 2
-WARMUP_RUNS = 1
-
-
-@dataclass(frozen=True)
-class ModelInfo:
-    """Size and speed of one model at one input size (speed of its optimised eval form).
-
-    Attributes:
-        params: number of parameters.
-        macs: multiply-accumulates of one image's forward pass.
-        latency_ms: median wall time of a batch of 1, in milliseconds.
-        throughput: images per second at ``batch_size``.
-        batch_size: batch used for ``throughput``.
-    """
-
-    params: int
-    macs: int
-    latency_ms: float
-    throughput: float
-    batch_size: int
-
-
-def median_seconds(model: nn.Module, x: torch.Tensor, repeats: int) -> float:
-    """Median wall time in seconds of ``model(x)`` under ``inference_mode``, after a warm-up run."""
-    with torch.inference_mode():
-        for _ in range(WARMUP_RUNS):
-            model(x)
-        times = []
-        for _ in range(repeats):
-            start = time.perf_counter()
-            model(x)
-            times.append(time.perf_counter() - start)
-    return sorted(times)[len(times) // 2]
-
-
-def count_macs(model: nn.Module, img_size: tuple[int, int]) -> int:
-    """Multiply-accumulates of one ``(H, W)`` image through ``model`` (convolutions and matmuls)."""
-    counter = FlopCounterMode(display=False)
-    was_training = model.training
-    with counter, torch.inference_mode():
-        model.eval()(torch.zeros(1, 3, *img_size))
-    model.train(was_training)
-    return counter.get_total_flops() // FLOPS_PER_MAC
-
-
-def measure(model: nn.Module, img_size: tuple[int, int], *, batch_size: int = 32, repeats: int = 5) -> ModelInfo:
-    """Counts parameters and MACs of ``model``; times its :func:`fuse_for_inference` form on CPU.
-
-    Args:
-        model: the model to describe (left unchanged).
-        img_size: input ``(H, W)`` in px.
-        batch_size: images per batch for the throughput measurement.
-        repeats: timed runs per measurement (the median is kept), after one warm-up run.
-
-    Returns:
-        The :class:`ModelInfo`.
-    """
-    params = sum(p.numel() for p in model.parameters())
-    fast = fuse_for_inference(model)
-    macs = count_macs(fast, img_size)
-    batch = torch.randn(batch_size, 3, *img_size)
-    latency = median_seconds(fast, batch[:1], repeats)
-    throughput = batch_size / median_seconds(fast, batch, repeats)
-    return ModelInfo(params, macs, latency * 1e3, throughput, batch_size)
+__all__ = ["main"]
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -105,7 +39,8 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument("--latency", action="store_true",
                         help="also time every block and activation at batch 1, eager and fused")
     parser.add_argument("--backend", choices=("auto", *BACKENDS), default="auto",
-                        help="with --latency: the backend whose whole-call time is added")
+                        help="what runs the timed model, and with --latency the whole call (default: the fastest "
+                             "installed, as inference uses)")
     parser.add_argument("--json", type=Path, default=None, help="with --latency: also write the table as JSON here")
     return parser
 
@@ -121,15 +56,15 @@ def main(argv: list[str]) -> int:
         model = create_model(args.name, mhsa_blocks=mhsa, num_classes=args.num_classes, img_size=size,
                              act_layer=args.act_layer)
         report = measure_latency(model, size, backend=args.backend, repeats=args.repeats) if args.latency else None
-    except (ValueError, BackendUnavailable) as err:
+        info = measure(model, size, backend=args.backend, batch_size=args.batch_size, repeats=args.repeats)
+    except (ValueError, BackendUnavailable, ExportError) as err:
         print(f"pathology model-info: {err}", file=sys.stderr)
         return 2
-    info = measure(model, size, batch_size=args.batch_size, repeats=args.repeats)
     print(f"model       {args.name}  mhsa_blocks={model.mhsa_blocks}  act_layer={args.act_layer}  "
           f"input {size[0]}x{size[1]} px")
     print(f"parameters  {info.params / 1e6:.2f} M")
     print(f"MACs        {info.macs / 1e9:.3f} G per image")
-    print(f"latency     {info.latency_ms:.1f} ms (batch 1, CPU, {torch.get_num_threads()} threads)")
+    print(f"latency     {info.latency_ms:.1f} ms (batch 1, {info.backend}, {torch.get_num_threads()} threads)")
     print(f"throughput  {info.throughput:.1f} img/s (batch {info.batch_size})")
     if report:
         print(format_table(report))

@@ -26,14 +26,13 @@ from torch import nn
 from torch.utils.flop_counter import FlopCounterMode
 
 from pathology.atomic import atomic_path
+from pathology.models.cost import FLOPS_PER_MAC, WARMUP_RUNS, median_seconds
 from pathology.models.efficientformer import ACT_LAYERS, STAGE_STRIDES, resolve_act_layer
 from pathology.models.optimize import fuse_for_inference
 from pathology.models.runtime import optimize_for_inference
 
 __all__ = ["BlockTime", "LatencyReport", "format_table", "measure_latency", "write_json"]
 
-FLOPS_PER_MAC = 2
-WARMUP_RUNS = 1
 HEAD = "head"
 
 
@@ -154,12 +153,6 @@ def _median_times(model: nn.Module, x: torch.Tensor, activations: dict[str, type
     return units, acts, median(run[2] for run in runs)
 
 
-def _call_seconds(run: Callable[[torch.Tensor], torch.Tensor], x: torch.Tensor) -> float:
-    start = time.perf_counter()
-    run(x)
-    return time.perf_counter() - start
-
-
 def _macs(model: nn.Module, x: torch.Tensor) -> list[int]:
     """MACs of each unit, then of the head (the whole minus the units), for the input ``x``."""
     inputs: dict[str, tuple[torch.Tensor, ...]] = {}
@@ -206,8 +199,7 @@ def measure_latency(model: nn.Module, img_size: tuple[int, int], *, backend: str
     eager_units, eager_acts, eager_total = _median_times(model, x, activations, repeats)
     fused_units, fused_acts, fused_total = _median_times(fused, x, activations, repeats)
     runner = optimize_for_inference(model, backend=backend, img_size=img_size, cache_dir=cache_dir)
-    runner(x)  # warm-up
-    backend_seconds = [_call_seconds(runner, x) for _ in range(repeats)]
+    backend_seconds = median_seconds(runner, x, repeats)
     names = [(name, kind, stride) for name, kind, stride, _ in _units(model)] + [(HEAD, HEAD, STAGE_STRIDES[-1])]
     # shares of the sum of the blocks' medians, so they sum to 1 (the median of the whole differs slightly)
     eager_sum, fused_sum = sum(eager_units), sum(fused_units)
@@ -218,7 +210,7 @@ def measure_latency(model: nn.Module, img_size: tuple[int, int], *, backend: str
                    fused_acts[name] * 1e3, fused_acts[name] / fused_sum) for name in activations}
     model.train(was_training)
     return LatencyReport(img_size, torch.get_num_threads(), blocks, acts, eager_total * 1e3, fused_total * 1e3,
-                         runner.backend, median(backend_seconds) * 1e3)
+                         runner.backend, backend_seconds * 1e3)
 
 
 def write_json(report: LatencyReport, path: str | Path) -> Path:

@@ -2,13 +2,14 @@
 
 Generates the two-task demo slides (:mod:`pathology.study.demo_data`), runs the resolution study of
 ``configs/study_demo.yaml`` on them (tiling, training, evaluation, timing), predicts the test slides
-with each task's best cell, with heatmaps and QuPath GeoJSON, and writes ``DIR/report.md``::
+with each task's best cell, with heatmaps and QuPath GeoJSON, times every block of each model
+configuration it trained, and writes ``DIR/report.md``::
 
     DIR/data/slides/*.svs  DIR/data/slides.csv     generated slides and their labels
     DIR/results.csv  DIR/summary.csv  DIR/*.png     the study (see ``pathology study``)
     DIR/inference/<task>/slides.csv                 slide predictions of the task's best cell
     DIR/inference/<task>/heatmaps/  geojson/        heatmap PNGs and QuPath GeoJSON
-    DIR/report.md                                   table, plots, heatmaps and what they show
+    DIR/report.md                                   table, plots, per-block latency, heatmaps and what they show
 
 Rerunning with the same ``--out`` reuses the slides and every finished cell.
 """
@@ -22,16 +23,18 @@ from pathlib import Path
 import pandas as pd
 from jsonargparse import ArgumentError
 
+from pathology.checkpoint import load_inference_model
 from pathology.inference.infer import infer_slides
 from pathology.inference.outputs import Extras
 from pathology.inference.predict import RunOptions
+from pathology.models.latency import format_table, measure_latency
 from pathology.study.demo_data import TASKS, make_demo_slides
 from pathology.study.grid import Study, StudyConfigError, load_study
 from pathology.study.report import write_report
 from pathology.study.run import (STATUS_OK, StudyError, add_threads_option, prepare_console, read_slides, run_study,
                                  write_test_slides)
 
-__all__ = ["DEMO_CONFIG", "best_cells", "run_demo", "main"]
+__all__ = ["DEMO_CONFIG", "best_cells", "latency_markdown", "run_demo", "main"]
 
 
 def _demo_config(name: str = "study_demo.yaml") -> Path:
@@ -47,6 +50,16 @@ SLIDE_UM = (1024.0, 1024.0)  # at 5x an 8 x 8 grid of 64 px tiles, about 44 on t
 NEST_UM = 30.0  # nests 60 µm across: a 128 µm tile (64 px at 5x) holds about two, a 32 µm one (20x) part of one
 SLIDES_PER_GROUP = (3, 1, 1)  # train, val, test slides per (chromatin, architecture) pair
 SELECT_METRIC = "tile_balanced_accuracy"
+LATENCY_REPEATS = 5  # timed batch-1 calls per figure (medians kept): the demo's models are tiny
+MODEL_COLUMNS = ["mhsa_blocks", "act_layer", "tile_size"]  # what makes two cells the same model (up to weights)
+LATENCY_INTRO = """## Where each model spends its time
+
+Per block of each model configuration the study trained, at batch 1 and the model's input size on
+this machine: parameters, MACs, and the median time of the eager and of the fused torch model
+with its share of the whole call; then the time inside each activation, and the whole call through
+the backend inference used. `pathology model-info NAME --latency` prints the same table for any
+model and input size.
+"""
 
 FINDINGS = """## What the demo shows
 
@@ -62,8 +75,8 @@ the findings above say whether it did, and the first plot shows it. The model is
 trained from scratch for 300 steps. With 64 px tiles the /32 stage holds 2 x 2 tokens and the /16
 stage 4 x 4, so the two MHSA placements differ; on tasks this easy expect both to reach similar
 accuracy, within the spread between seeds, so placement shows in the cost (parameters, MACs,
-throughput in the Pareto plot) rather than in what is learned. On real tiles of 224 px or more it
-can change what the model relates across the tile.
+throughput in the Pareto plot, the MHSA rows of the latency tables) rather than in what is
+learned. On real tiles of 224 px or more it can change what the model relates across the tile.
 """
 
 
@@ -71,6 +84,21 @@ def best_cells(results: pd.DataFrame, metric: str = SELECT_METRIC) -> dict[str, 
     """Each task's finished cell with the highest ``metric`` (the first on ties)."""
     ok = results[results["status"] == STATUS_OK]
     return {task: rows.loc[rows[metric].astype(float).idxmax()] for task, rows in ok.groupby("task", sort=False)}
+
+
+def latency_markdown(results: pd.DataFrame, repeats: int = LATENCY_REPEATS) -> list[str]:
+    """Report lines: the per-block latency table (:func:`~pathology.models.latency.measure_latency`) of
+    each model configuration of the finished cells (MHSA placement × activation × input size), timed
+    on the checkpoint of its first cell, whose folder holds the graph inference exported."""
+    ok = results[results["status"] == STATUS_OK]
+    lines = [LATENCY_INTRO]
+    for (mhsa, act, _), rows in ok.groupby(MODEL_COLUMNS, sort=False):
+        checkpoint = Path(rows["checkpoint"].iloc[0])
+        model, spec = load_inference_model(checkpoint)
+        report = measure_latency(model, (spec.img_size, spec.img_size), repeats=repeats, cache_dir=checkpoint.parent)
+        lines += [f"### {spec.model_name}, MHSA {mhsa}, {act}, {spec.img_size} px", "", "```", format_table(report),
+                  "```", ""]
+    return lines
 
 
 def _infer_best(study: Study, results: pd.DataFrame, out_dir: Path) -> list[str]:
@@ -108,7 +136,7 @@ def run_demo(out_dir: str | Path, config: list[Path] | None = None) -> Path:
     results = run_study(study, out_dir)
     extra = [FINDINGS]
     if (results["status"] == STATUS_OK).any():
-        extra += _infer_best(study, results, out_dir)
+        extra += latency_markdown(results) + _infer_best(study, results, out_dir)
     return write_report(out_dir, results, "\n".join(extra))
 
 

@@ -1,8 +1,8 @@
 """A study config: one base YAML plus small override files, expanded into the cells of a grid.
 
 A config names the slides (a CSV with ``slide_id``, ``slide_path``, ``split`` and one label column per
-task), the tasks and their classes, the grid (resolutions, MHSA placements, tile sizes, seeds) and
-the training config files the ``pathology train`` parser reads. Later files override earlier ones
+task), the tasks and their classes, the grid (resolutions, MHSA placements, MLP activations, tile sizes,
+seeds) and the training config files the ``pathology train`` parser reads. Later files override earlier ones
 key by key; relative paths are read from the folder of the file that gives them. Every file is
 checked against the declared schema (:data:`SECTIONS`): a key it does not declare, such as
 ``tilling:`` or ``grid: {seeds: ...}``, is an error naming the file and the closest valid key. Example::
@@ -12,6 +12,7 @@ checked against the declared schema (:data:`SECTIONS`): a key it does not declar
     grid:
       resolution: [20x, 5x, 0.5mpp]
       mhsa_blocks: ["32:1", "16:1,32:1"]
+      act_layer: [gelu, hard_swish]   # optional, default [gelu]
       tile_size: [64]
       seed: [0, 1]
     train: {configs: [study_train_demo.yaml], args: ["--trainer.max_steps=40"]}
@@ -22,12 +23,14 @@ import difflib
 import hashlib
 import itertools
 import json
+from collections.abc import Sequence
 from dataclasses import MISSING, dataclass, fields
 from pathlib import Path
 from typing import Any
 
 import yaml
 
+from pathology.models.efficientformer import ACT_LAYERS, DEFAULT_ACT_LAYER
 from pathology.models.mhsa import MhsaBlocks
 from wsi_tiling import Resolution
 
@@ -44,12 +47,14 @@ class StudyConfigError(ValueError):
 
 @dataclass(frozen=True)
 class GridSection:
-    """``grid:``, each axis a value or a list: resolutions, MHSA placements, tile sizes (px), seeds."""
+    """``grid:``, each axis a value or a list: resolutions, MHSA placements, tile sizes (px), seeds and
+    the blocks' MLP activations (timm names, :data:`~pathology.models.efficientformer.ACT_LAYERS`)."""
 
     resolution: Any
     mhsa_blocks: Any
     tile_size: Any
     seed: Any
+    act_layer: Any = (DEFAULT_ACT_LAYER,)
 
 
 @dataclass(frozen=True)
@@ -99,6 +104,7 @@ class Cell:
         mhsa_blocks: {output stride: MHSA blocks} of the model.
         tile_size: tile edge in pixels at ``resolution`` (also the model input size).
         seed: training seed (the slide split is fixed by the slides CSV).
+        act_layer: the blocks' MLP activation, a timm name (one of ``ACT_LAYERS``).
     """
 
     task: str
@@ -106,17 +112,21 @@ class Cell:
     mhsa_blocks: MhsaBlocks
     tile_size: int
     seed: int
+    act_layer: str = DEFAULT_ACT_LAYER
 
     @property
     def name(self) -> str:
-        """Folder-safe, readable id, e.g. ``chromatin_20x_mhsa16-1_32-1_64px_seed0``."""
+        """Folder-safe, readable id, e.g. ``chromatin_20x_mhsa16-1_32-1_64px_seed0`` or, with another
+        activation than gelu, ``chromatin_20x_mhsa32-1_act-relu_64px_seed0`` (gelu cells keep the names
+        they had before ``act_layer`` was an axis, so earlier study folders are reused)."""
         mhsa = str(self.mhsa_blocks).replace(":", "-").replace(",", "_")
-        return f"{self.task}_{self.resolution}_mhsa{mhsa}_{self.tile_size}px_seed{self.seed}"
+        act = "" if self.act_layer == DEFAULT_ACT_LAYER else f"_act-{self.act_layer}"
+        return f"{self.task}_{self.resolution}_mhsa{mhsa}{act}_{self.tile_size}px_seed{self.seed}"
 
     def to_dict(self) -> dict[str, Any]:
         """The grid columns of ``results.csv``."""
         return {"task": self.task, "resolution": str(self.resolution), "mpp_or_power": self.resolution.value,
-                "unit": self.resolution.unit, "mhsa_blocks": str(self.mhsa_blocks),
+                "unit": self.resolution.unit, "mhsa_blocks": str(self.mhsa_blocks), "act_layer": self.act_layer,
                 "tile_size": self.tile_size, "seed": self.seed}
 
 
@@ -147,8 +157,14 @@ class Study:
     speed_batch_size: int
 
     def fingerprint(self, cell: Cell) -> str:
-        """Hash of everything a cell's result depends on: its grid point, training files and args, slides."""
-        parts = [json.dumps(cell.to_dict(), sort_keys=True), json.dumps(self.tasks[cell.task]),
+        """Hash of everything a cell's result depends on: its grid point, training files and args, slides.
+
+        A gelu cell hashes its grid point without ``act_layer``, as before that was an axis, so the
+        cells of earlier study folders are read back instead of rerun."""
+        point = cell.to_dict()
+        if cell.act_layer == DEFAULT_ACT_LAYER:
+            del point["act_layer"]
+        parts = [json.dumps(point, sort_keys=True), json.dumps(self.tasks[cell.task]),
                  json.dumps(self.train_args), str(self.min_tissue), json.dumps(self.aggregations),
                  self.slides_csv.read_text()]
         parts += [path.read_text() for path in self.train_configs]
@@ -159,36 +175,57 @@ def _as_list(value: Any) -> list[Any]:
     return list(value) if isinstance(value, (list, tuple)) else [value]
 
 
-def expand_grid(grid: dict[str, Any], tasks: list[str], where: str = "config") -> list[Cell]:
-    """The Cartesian product task × resolution × MHSA placement × tile size × seed.
+def expand_grid(grid: dict[str, Any], tasks: list[str], where: str | Path = "config") -> list[Cell]:
+    """The Cartesian product task × resolution × MHSA placement × activation × tile size × seed.
 
     Args:
         grid: ``resolution`` (``"20x"``, ``"0.5mpp"``, ...), ``mhsa_blocks`` (``"16:1,32:1"`` or a
-            mapping), ``tile_size`` (px) and ``seed``; each a value or a list.
+            mapping), ``tile_size`` (px), ``seed`` and optionally ``act_layer`` (timm names, default
+            ``gelu``); each a value or a list.
         tasks: label columns, outermost loop.
         where: file name for error messages.
 
     Raises:
-        StudyConfigError: an unknown or missing key, or a value that cannot be read.
+        StudyConfigError: an unknown or missing key, an unknown activation (with the closest valid one),
+            or a value that cannot be read.
     """
     _check_keys(grid, GridSection, "grid", where, complete=True)
+    section = GridSection(**grid)
+    acts = _act_layers(section.act_layer, where)
     try:
-        resolutions = [Resolution.parse(str(r)) for r in _as_list(grid["resolution"])]
-        mhsa = [MhsaBlocks.parse(m) for m in _as_list(grid["mhsa_blocks"])]
-        tile_sizes = [int(t) for t in _as_list(grid["tile_size"])]
-        seeds = [int(s) for s in _as_list(grid["seed"])]
+        resolutions = [Resolution.parse(str(r)) for r in _as_list(section.resolution)]
+        mhsa = [MhsaBlocks.parse(m) for m in _as_list(section.mhsa_blocks)]
+        tile_sizes = [int(t) for t in _as_list(section.tile_size)]
+        seeds = [int(s) for s in _as_list(section.seed)]
     except (ValueError, TypeError) as err:
         raise StudyConfigError(f"{where}: bad grid value ({err})") from err
-    return [Cell(task, res, m, size, seed)
-            for task, res, m, size, seed in itertools.product(tasks, resolutions, mhsa, tile_sizes, seeds)]
+    return [Cell(task, res, m, size, seed, act)
+            for task, res, m, act, size, seed in itertools.product(tasks, resolutions, mhsa, acts, tile_sizes, seeds)]
+
+
+def _act_layers(value: Any, where: str | Path) -> list[str]:
+    """The ``grid.act_layer`` names, each checked against ``ACT_LAYERS``.
+
+    Raises:
+        StudyConfigError: an unknown name, naming the file and the closest valid name.
+    """
+    names = [str(name) for name in _as_list(value)]
+    for name in names:
+        if name not in ACT_LAYERS:
+            raise StudyConfigError(f"{where}: unknown grid.act_layer {name} ({_hint(name, ACT_LAYERS, '', 'names')})")
+    return names
+
+
+def _hint(name: str, valid: Sequence[str], prefix: str, kind: str) -> str:
+    """``did you mean <prefix><closest>?``, or the valid ``kind`` when none is close."""
+    close = difflib.get_close_matches(name, valid, n=1)
+    return f"did you mean {prefix}{close[0]}?" if close else f"valid {kind}: {', '.join(valid)}"
 
 
 def _unknown_key(key: str, valid: list[str], section: str, where: str | Path) -> StudyConfigError:
     """The error for ``section.key``, naming the file and the closest valid key."""
     prefix = f"{section}." if section else ""
-    close = difflib.get_close_matches(key, valid, n=1)
-    hint = f"did you mean {prefix}{close[0]}?" if close else f"valid keys: {', '.join(valid)}"
-    return StudyConfigError(f"{where}: unknown key {prefix}{key} ({hint})")
+    return StudyConfigError(f"{where}: unknown key {prefix}{key} ({_hint(key, valid, prefix, 'keys')})")
 
 
 def _check_keys(data: Any, schema: type, section: str, where: str | Path, *, complete: bool) -> None:
@@ -232,6 +269,8 @@ def _read_yaml(path: Path) -> dict[str, Any]:
     if not isinstance(data, dict):
         raise StudyConfigError(f"{path}: a study config must be a mapping")
     _check_schema(data, path)
+    if "act_layer" in data.get("grid", {}):
+        _act_layers(data["grid"]["act_layer"], path)  # here, where the file that names it is known
     if "slides_csv" in data:
         data["slides_csv"] = str(path.parent / data["slides_csv"])
     train = data.get("train", {})

@@ -6,16 +6,18 @@ is pooled by the median, so one disturbed measurement does not move it, and a ce
 :data:`OUTLIER_FACTOR` away from its grid point's median is flagged. A grid point is *at chance*
 when its interval reaches down to chance (1 / classes for balanced accuracy, 0.5 for AUROC), or,
 with one seed, when its mean is within :data:`CHANCE_MARGIN` of it. Findings per task: the winning
-resolution and MHSA placement, by how much, and whether *beyond the seed spread* (95 % intervals
-apart), and the best cell's checkpoint. The resolution axis is physical: each grid point's µm/px is
+resolution and MHSA placement (and MLP activation, when the grid varies it, with each activation's
+median throughput), by how much, and whether *beyond the seed spread* (95 % intervals apart), and
+the best cell's checkpoint. The resolution axis is physical: each grid point's µm/px is
 what its tile stores delivered (``tile_mpp`` of ``results.csv``), and its field of view that times
 the tile size; the configured resolution (e.g. ``20x``) is shown beside it. Plots: a metric against
-tile field of view, one line per MHSA placement and one panel per task; and a metric against
-throughput per grid point with the Pareto front (the points not at chance that no other beats on
-both).
+tile field of view, one line per MHSA placement and activation and one panel per task; and a metric
+against throughput per grid point, one marker per activation, with the Pareto front (the points not
+at chance that no other beats on both). Rows recorded before ``act_layer`` was a grid axis are gelu.
 """
 from __future__ import annotations
 
+import itertools
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -26,13 +28,14 @@ from matplotlib.figure import Figure
 from scipy import stats
 
 from pathology.atomic import atomic_path
+from pathology.models.efficientformer import DEFAULT_ACT_LAYER
 from wsi_tiling.resolution import power_to_mpp
 
 __all__ = ["GROUP_COLUMNS", "REPORT_METRICS", "mean_ci", "chance_level", "at_chance", "summarise", "markdown_table",
            "pareto_front", "plot_metric_vs_resolution", "plot_pareto", "throughput_outliers", "findings_markdown",
            "write_report"]
 
-GROUP_COLUMNS = ["task", "resolution", "mhsa_blocks", "tile_size"]
+GROUP_COLUMNS = ["task", "resolution", "mhsa_blocks", "act_layer", "tile_size"]
 REPORT_METRICS = ["tile_balanced_accuracy", "tile_auroc", "slide_accuracy", "slide_auroc", "throughput"]
 CI_LEVEL = 0.95
 PLOT_METRIC = "tile_balanced_accuracy"
@@ -42,6 +45,7 @@ OUTLIER_FACTOR = 1.5  # a cell this many times slower or faster than its grid po
 FRACTION_BOUNDS = (0.0, 1.0)
 CHANCE_MARGIN = 0.05  # a single seed this close to chance is reported as at chance
 ROBUST_METRICS = {"throughput"}  # pooled by the median: one disturbed measurement must not move it
+ACT_MARKERS = ("o", "s", "^", "D", "v", "P", "*", "X")  # Pareto plot: one marker per activation, in grid order
 
 
 def mean_ci(values: Sequence[float], level: float = CI_LEVEL, bounds: tuple[float, float] = (-np.inf, np.inf)
@@ -83,12 +87,19 @@ def _tile_mpp(rows: pd.DataFrame) -> pd.Series:
     return rows["tile_mpp"].astype(float).fillna(requested) if "tile_mpp" in rows else requested
 
 
+def _finished(results: pd.DataFrame) -> pd.DataFrame:
+    """The finished cells; ``act_layer`` is gelu where a row was recorded before it was a grid axis."""
+    ok = results[results["status"] == "ok"]
+    act = ok["act_layer"].fillna(DEFAULT_ACT_LAYER) if "act_layer" in ok else DEFAULT_ACT_LAYER
+    return ok.assign(act_layer=act)
+
+
 def summarise(results: pd.DataFrame, metrics: Sequence[str] = REPORT_METRICS) -> pd.DataFrame:
     """One row per grid point (seeds pooled): ``n_seeds``, ``tile_mpp`` (delivered, median over seeds)
     and ``field_um`` (a tile's edge in µm), ``at_chance`` (by :data:`PLOT_METRIC`), and
     ``<metric>``, ``<metric>_low``, ``<metric>_high`` for each metric present (intervals clipped to [0, 1]);
     throughput is the median over seeds, without an interval. Failed cells are left out."""
-    ok = results[results["status"] == "ok"]
+    ok = _finished(results)
     present = [m for m in metrics if m in ok.columns]
     rows = []
     for key, group in ok.groupby(GROUP_COLUMNS, sort=False):
@@ -118,12 +129,12 @@ def markdown_table(summary: pd.DataFrame, metrics: Sequence[str] = REPORT_METRIC
     """The summary as a Markdown table: the configured resolution and the delivered µm/px, then
     ``mean [95 % CI]`` per metric."""
     present = [m for m in metrics if m in summary.columns]
-    header = ["task", "resolution", "µm/px", "mhsa_blocks", "tile_size", "field (µm)", "seeds",
+    header = ["task", "resolution", "µm/px", "mhsa_blocks", "act_layer", "tile_size", "field (µm)", "seeds",
               *(METRIC_HEADERS.get(m, m) for m in present)]
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     for row in summary.to_dict("records"):
         cells = [row["task"], str(row["resolution"]), f"{row['tile_mpp']:.3g}", str(row["mhsa_blocks"]),
-                 str(row["tile_size"]), f"{row['field_um']:.0f}", str(row["n_seeds"])]
+                 str(row["act_layer"]), str(row["tile_size"]), f"{row['field_um']:.0f}", str(row["n_seeds"])]
         cells += [_fmt(row[m], row[f"{m}_low"], row[f"{m}_high"]) for m in present]
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)
@@ -150,15 +161,16 @@ def _task_panels(table: pd.DataFrame) -> tuple[Figure, list[tuple[Axes, str, pd.
 
 def plot_metric_vs_resolution(summary: pd.DataFrame, path: Path, metric: str = PLOT_METRIC) -> Path:
     """One panel per task: ``metric`` (mean and 95 % CI) against tile field of view at the delivered µm/px,
-    a line per MHSA placement; each point is labelled with its configured resolution and µm/px."""
+    a line per MHSA placement, activation and tile size; each point is labelled with its configured
+    resolution and µm/px."""
     fig, panels = _task_panels(summary)
     for ax, task, rows in panels:
-        for (mhsa, tile), line in rows.groupby(["mhsa_blocks", "tile_size"], sort=False):
+        for (mhsa, act, tile), line in rows.groupby(["mhsa_blocks", "act_layer", "tile_size"], sort=False):
             line = line.sort_values("field_um")
             low = (line[metric] - line[f"{metric}_low"]).fillna(0)
             high = (line[f"{metric}_high"] - line[metric]).fillna(0)
             ax.errorbar(line["field_um"], line[metric], yerr=[low, high], marker="o", capsize=3,
-                        label=f"MHSA {mhsa}, {tile} px")
+                        label=f"MHSA {mhsa}, {act}, {tile} px")
             for x, y, res, mpp in zip(line["field_um"], line[metric], line["resolution"], line["tile_mpp"]):
                 ax.annotate(f"{res}, {mpp:.3g} µm/px", (x, y), textcoords="offset points", xytext=(4, -10),
                             fontsize=7)
@@ -173,13 +185,16 @@ def plot_metric_vs_resolution(summary: pd.DataFrame, path: Path, metric: str = P
 
 
 def plot_pareto(summary: pd.DataFrame, path: Path, metric: str = PLOT_METRIC) -> Path:
-    """``metric`` (mean over seeds) against median throughput per grid point, one panel per task; the
-    Pareto front joins the points not at chance (those are drawn as grey crosses, off the front)."""
+    """``metric`` (mean over seeds) against median throughput per grid point, one panel per task, one
+    marker per activation; the Pareto front joins the points not at chance (those are drawn as grey
+    crosses, off the front)."""
     fig, panels = _task_panels(summary)
+    markers = dict(zip(dict.fromkeys(summary["act_layer"]), itertools.cycle(ACT_MARKERS)))
     for ax, task, rows in panels:
         chance = rows["at_chance"].astype(bool) if "at_chance" in rows else pd.Series(False, index=rows.index)
-        for (res, mhsa), group in rows[~chance].groupby(["resolution", "mhsa_blocks"], sort=False):
-            ax.scatter(group["throughput"], group[metric], label=f"{res}, MHSA {mhsa}", s=18)
+        for (res, mhsa, act), group in rows[~chance].groupby(["resolution", "mhsa_blocks", "act_layer"], sort=False):
+            ax.scatter(group["throughput"], group[metric], label=f"{res}, MHSA {mhsa}, {act}", s=18,
+                       marker=markers[act])
         if chance.any():
             ax.scatter(rows.loc[chance, "throughput"], rows.loc[chance, metric], marker="x", color="grey",
                        label="at chance", s=18)
@@ -202,7 +217,7 @@ def _save(fig: Figure, path: Path) -> Path:
 def throughput_outliers(results: pd.DataFrame) -> pd.DataFrame:
     """Finished cells whose throughput is more than :data:`OUTLIER_FACTOR` away from their grid point's
     median, with ``median_throughput``: measurements disturbed by other work on the machine."""
-    ok = results[results["status"] == "ok"].copy()
+    ok = _finished(results)
     if ok.empty or "throughput" not in ok:
         return ok.iloc[0:0]
     ok["median_throughput"] = ok.groupby(GROUP_COLUMNS, sort=False)["throughput"].transform("median")
@@ -234,9 +249,10 @@ def _compare(rows: pd.DataFrame, axis: str, metric: str) -> str:
 
 
 def findings_markdown(results: pd.DataFrame, metric: str) -> str:
-    """The "Findings" section of ``report.md``: per task the winning resolution and MHSA placement,
-    the grid points at chance, the best cell and its checkpoint, then disturbed throughput measurements."""
-    ok = results[results["status"] == "ok"]
+    """The "Findings" section of ``report.md``: per task the winning resolution and MHSA placement (and
+    activation, with each one's median throughput, when the grid varies it), the grid points at chance,
+    the best cell and its checkpoint, then disturbed throughput measurements."""
+    ok = _finished(results)
     lines = ["## Findings", "", f"By `{metric}` on the test slides, per task:", ""]
     for task, rows in ok.groupby("task", sort=False):
         chance = chance_level(rows, metric)
@@ -244,14 +260,20 @@ def findings_markdown(results: pd.DataFrame, metric: str) -> str:
                          if at_chance(group[metric], chance)]
         chance_text = f"At chance ({chance:.2f})" if np.isfinite(chance) else "At chance (classes not recorded)"
         best = rows.loc[rows[metric].astype(float).idxmax()]
-        lines += [f"- **{task}**: {_compare(rows, 'resolution', metric)}; {_compare(rows, 'mhsa_blocks', metric)}.",
+        compared = [_compare(rows, axis, metric) for axis in ("resolution", "mhsa_blocks")]
+        if rows["act_layer"].nunique() > 1:
+            speeds = rows.groupby("act_layer", sort=False)["throughput"].median()
+            compared.append(_compare(rows, "act_layer", metric) + "; median throughput " +
+                            ", ".join(f"{act} {speed:.1f}" for act, speed in speeds.items()) + " tiles/s")
+        lines += [f"- **{task}**: {'; '.join(compared)}.",
                   f"  {chance_text}: {'; '.join(chance_points) or 'none'}.",
                   f"  Best cell `{best['cell']}` ({metric} {float(best[metric]):.3f}), checkpoint "
                   f"`{best.get('checkpoint', 'not recorded')}`."]
     outliers = throughput_outliers(results)
-    lines += ["", "Throughput (tiles/s on this CPU) in the table and the Pareto plot is the median over a grid "
-              "point's seeds, so one disturbed measurement does not move them; grid points at chance are left "
-              "off the Pareto front."]
+    backends = ", ".join(map(str, ok["backend"].dropna().unique())) if "backend" in ok else ""
+    lines += ["", f"Throughput (tiles/s on this machine{f', through {backends}' if backends else ''}) in the "
+              "table and the Pareto plot is the median over a grid point's seeds, so one disturbed measurement "
+              "does not move them; grid points at chance are left off the Pareto front."]
     lines += [f"- cell `{r.cell}` measured {r.throughput:.1f} tiles/s against a median of {r.median_throughput:.1f}: "
               f"disturbed, not used" for r in outliers.itertuples()]
     return "\n".join(lines) + "\n"

@@ -34,11 +34,12 @@ from pathology.checkpoint import load_inference_model
 from pathology.data import TileDataError
 from pathology.inference.evaluate import auroc
 from pathology.inference.infer import infer_slides
-from pathology.inference.predict import RunOptions
+from pathology.inference.predict import RUNNER_ERRORS, RunOptions
 from pathology.atomic import atomic_path
 from pathology.inference.results import PREDICTIONS_DIR, scores, write_json
 from pathology.io import CheckpointError
-from pathology.models.info import measure
+from pathology.models.cost import measure
+from pathology.models.efficientformer import DEFAULT_ACT_LAYER
 from pathology.study.grid import Cell, Study, StudyConfigError, load_study
 from pathology.study.report import write_report
 from pathology.training.fit import check_config, fit
@@ -56,7 +57,9 @@ RESULTS_CSV = "results.csv"
 SPLITS = ("train", "val", "test")
 VAL_FOLD, TRAIN_FOLD = 0, 1
 STATUS_OK, STATUS_ERROR = "ok", "error"
-CELL_ERRORS = (WsiTilingError, TileDataError, CheckpointError, NonFiniteLossError, ArgumentError, ValueError, OSError)
+SPEED_REPEATS = 3  # timed batches per cell (median kept); the report then takes the median over seeds
+CELL_ERRORS = (WsiTilingError, TileDataError, CheckpointError, NonFiniteLossError, ArgumentError, ValueError, OSError,
+               *RUNNER_ERRORS)  # a backend that cannot run the model fails its cell, not the study
 
 
 class StudyError(ValueError):
@@ -141,6 +144,7 @@ def _train_inputs(study: Study, cell: Cell, cell_dir: Path, h5_dir: Path, labels
         "trainer.default_root_dir": str(cell_dir / "train"),
         "model.img_size": cell.tile_size,
         "model.mhsa_blocks": cell.mhsa_blocks,
+        "model.act_layer": cell.act_layer,
         "data.source": {"class_path": "pathology.data.H5Source",
                         "init_args": {"h5_dir": str(h5_dir), "slides_csv": str(labels)}},
         "data.class_names": list(study.tasks[cell.task]),
@@ -176,11 +180,15 @@ def _evaluate(study: Study, cell: Cell, test: pd.DataFrame, run_dir: Path, tiles
     return result
 
 
-def _speed(checkpoint: Path, study: Study) -> dict[str, float]:
-    """Parameters, MACs per tile and throughput (tiles/s) of the trained model's optimised form."""
+def _speed(checkpoint: Path, study: Study) -> dict[str, Any]:
+    """Parameters, MACs per tile, and throughput (tiles/s, median of :data:`SPEED_REPEATS` batches) and
+    batch-1 latency of the trained model through the default inference backend (``backend``), the path
+    inference took; a runtime's graph is the one inference exported next to the checkpoint."""
     model, spec = load_inference_model(checkpoint)  # the input size the model was built for, not the tile's
-    info = measure(model, (spec.img_size, spec.img_size), batch_size=study.speed_batch_size, repeats=3)
-    return {"params": info.params, "macs": info.macs, "throughput": info.throughput, "latency_ms": info.latency_ms}
+    info = measure(model, (spec.img_size, spec.img_size), batch_size=study.speed_batch_size, repeats=SPEED_REPEATS,
+                   cache_dir=checkpoint.parent)
+    return {"params": info.params, "macs": info.macs, "throughput": info.throughput, "latency_ms": info.latency_ms,
+            "backend": info.backend}
 
 
 def run_cell(study: Study, cell: Cell, out_dir: Path) -> dict[str, Any]:
@@ -188,7 +196,8 @@ def run_cell(study: Study, cell: Cell, out_dir: Path) -> dict[str, Any]:
 
     Returns:
         The cell's metrics on the test slides: ``tile_*`` (every tile labelled as its slide), ``slide_accuracy``,
-        ``slide_auroc``, ``params``, ``macs``, ``throughput``, ``latency_ms``, ``*_seconds``; and its
+        ``slide_auroc``, ``params``, ``macs``, ``throughput``, ``latency_ms``, ``backend`` (what ran the
+        timed model), ``*_seconds``; and its
         physical axes: ``tile_mpp``, the µm/px its tile stores delivered (median over slides), and
         ``field_um``, a tile's edge in µm at that µm/px.
 
@@ -213,12 +222,15 @@ def run_cell(study: Study, cell: Cell, out_dir: Path) -> dict[str, Any]:
 
 
 def _cached(path: Path, fingerprint: str) -> dict[str, Any] | None:
-    """The stored row when ``path`` holds a finished result with this fingerprint, else None."""
+    """The stored row when ``path`` holds a finished result with this fingerprint, else None; a row
+    stored before ``act_layer`` was an axis is a gelu cell."""
     try:
         stored = json.loads(path.read_text())
     except (OSError, ValueError):
         return None
-    return stored if stored.get("fingerprint") == fingerprint and stored.get("status") == STATUS_OK else None
+    if stored.get("fingerprint") != fingerprint or stored.get("status") != STATUS_OK:
+        return None
+    return {"act_layer": DEFAULT_ACT_LAYER, **stored}
 
 
 def run_study(study: Study, out_dir: str | Path) -> pd.DataFrame:

@@ -81,3 +81,22 @@ def test_no_import_cycle() -> None:
 
 def test_cycle_finder_finds_a_cycle() -> None:
     assert _cycle({"a": {"b"}, "b": {"c"}, "c": {"a"}, "d": set()}) == ["a", "b", "c", "a"]
+
+
+def _exports_only_main(path: Path) -> bool:
+    """Whether ``path`` declares ``__all__ = ["main"]``: a command, whose work lives in library modules."""
+    for node in ast.parse(path.read_text()).body:
+        if isinstance(node, ast.Assign) and any(isinstance(t, ast.Name) and t.id == "__all__" for t in node.targets):
+            return isinstance(node.value, (ast.List, ast.Tuple)) and \
+                [ast.literal_eval(e) for e in node.value.elts] == ["main"]
+    return False
+
+
+def test_no_module_uses_a_command_module_as_a_library() -> None:
+    """The study once imported ``measure`` from ``pathology model-info``'s module; commands are only
+    reached through ``pathology/cli.py``'s dispatch (by name, not by import)."""
+    names = {_module_name(p): REPO / p for p in MODULES}
+    commands = {name for name, path in names.items() if _exports_only_main(path)}
+    assert {"pathology.models.info", "pathology.training.cli"} <= commands
+    users = {name: sorted(_top_level_project_imports(path, set(names)) & commands) for name, path in names.items()}
+    assert {name: found for name, found in users.items() if found} == {}

@@ -8,7 +8,7 @@ import pytest
 
 from pathology.cli import main as pathology_main
 from pathology.models import create_model
-from pathology.models.info import count_macs
+from pathology.models.cost import count_macs
 from pathology.models.latency import measure_latency
 
 SIZE = (64, 64)

@@ -6,7 +6,9 @@ import re
 from pathlib import Path
 
 import pandas as pd
+import torch
 
+from pathology.models.runtime import choose_backend
 from pathology.study import demo
 from pathology.study.demo import DEMO_CONFIG, SLIDES_PER_GROUP, main
 from pathology.study.demo_data import make_demo_slides
@@ -62,6 +64,19 @@ def test_demo_writes_report_predictions_heatmaps_and_geojson(tmp_path: Path, cap
             assert (out / heatmap).stat().st_size > 0 and heatmap in report
             assert (out / "inference" / task / "geojson" / f"{slide_id}.geojson").stat().st_size > 0
     assert "![metric against field of view](metric_vs_resolution.png)" in report
+    # both tasks trained the same model (efficientformer_tiny, 32:1, gelu, 64 px): one latency table, a row per
+    # block: the stem, pooling blocks (1, 1, 2, 1) per stage, a downsample before stages 1-3, the MHSA block at
+    # /32, the head; then the activations (gelu in the MLPs, the stem's relu) and the whole model
+    assert report.count("### efficientformer_tiny, MHSA 32:1, gelu, 64 px") == 1
+    table = report.split("### efficientformer_tiny, MHSA 32:1, gelu, 64 px\n\n```\n")[1].split("```")[0]
+    rows = [line.split() for line in table.splitlines()[1:]]
+    assert [row[:2] for row in rows[:11]] == [
+        ["stem", "stem"], ["stages.0.blocks.0", "pool"], ["stages.1.downsample", "downsample"],
+        ["stages.1.blocks.0", "pool"], ["stages.2.downsample", "downsample"], ["stages.2.blocks.0", "pool"],
+        ["stages.2.blocks.1", "pool"], ["stages.3.downsample", "downsample"], ["stages.3.blocks.0", "pool"],
+        ["stages.3.blocks.1", "mhsa"], ["head", "head"]]
+    assert [row[:2] for row in rows[11:]] == [["activation", "gelu"], ["activation", "relu"], ["whole", "model"],
+                                              ["backend", choose_backend("auto", torch.device("cpu")) + ":"]]
 
 
 def test_demo_config_comes_from_the_checkout_else_the_installed_copy(tmp_path: Path, monkeypatch) -> None:

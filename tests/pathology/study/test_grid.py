@@ -37,6 +37,7 @@ def test_grid_is_the_product_of_its_axes(config_dir: Path) -> None:
     assert len({cell.name for cell in study.cells}) == 48
     first = study.cells[0]
     assert first == Cell("chromatin", Resolution(20, "power"), MhsaBlocks({32: 1}), 32, 0)
+    assert {c.act_layer for c in study.cells} == {"gelu"}  # the axis left out: the paper's activation
     assert study.cells[-1] == Cell("architecture", Resolution(2.5, "power"), MhsaBlocks({16: 1, 32: 1}), 64, 1)
     assert {c.resolution for c in study.cells} == {Resolution(20, "power"), Resolution(0.5, "mpp"),
                                                    Resolution(2.5, "power")}
@@ -52,6 +53,33 @@ def test_override_file_replaces_only_its_keys(config_dir: Path, tmp_path: Path) 
     study = load_study([config_dir / "study.yaml", override])
     assert len(study.cells) == 72  # tasks merge key by key: both tasks remain
     assert sorted({c.seed for c in study.cells}) == [0, 1, 2]
+
+
+def test_act_layer_axis_multiplies_the_grid_and_names_the_cells(config_dir: Path) -> None:
+    """2 activations double the 48 cells; gelu cells keep the names and cache keys they had without the axis."""
+    without = load_study([config_dir / "study.yaml"])
+    (config_dir / "acts.yaml").write_text("grid: {act_layer: [gelu, hard_swish]}\n")
+    study = load_study([config_dir / "study.yaml", config_dir / "acts.yaml"])
+    assert len(study.cells) == 96 and len({cell.name for cell in study.cells}) == 96
+    assert [c.act_layer for c in study.cells[:4]] == ["gelu"] * 4  # tile sizes and seeds vary fastest
+    assert study.cells[4] == Cell("chromatin", Resolution(20, "power"), MhsaBlocks({32: 1}), 32, 0, "hard_swish")
+    assert study.cells[4].name == "chromatin_20x_mhsa32-1_act-hard_swish_32px_seed0"
+    gelu = [c for c in study.cells if c.act_layer == "gelu"]
+    assert [c.name for c in gelu] == [c.name for c in without.cells]
+    assert [study.fingerprint(c) for c in gelu] == [without.fingerprint(c) for c in without.cells]
+    assert study.cells[4].to_dict()["act_layer"] == "hard_swish"
+
+
+@pytest.mark.parametrize(("acts", "message"), [
+    ("[gelu, hardswish]", "unknown grid.act_layer hardswish (did you mean hard_swish?)"),
+    ("softmax", "unknown grid.act_layer softmax (valid names: gelu, gelu_tanh, quick_gelu, relu, relu6, leaky_relu, "
+                "hard_swish, silu, mish, elu, selu, celu)"),
+])
+def test_an_unknown_act_layer_names_the_file_and_the_closest_name(config_dir: Path, acts: str, message: str) -> None:
+    (config_dir / "acts.yaml").write_text(f"grid: {{act_layer: {acts}}}\n")
+    with pytest.raises(StudyConfigError) as raised:
+        load_study([config_dir / "study.yaml", config_dir / "acts.yaml"])
+    assert str(raised.value) == f"{config_dir / 'acts.yaml'}: {message}"
 
 
 def test_mhsa_given_as_a_mapping_and_single_values() -> None:

@@ -59,7 +59,7 @@ def test_summary_pools_seeds_and_skips_failed_cells() -> None:
     # Field of view: 32 px at 10 / 20 = 0.5 µm/px is 16 µm; at 2.5x, 4 µm/px, 128 µm.
     assert summary["field_um"].tolist() == pytest.approx([16.0, 128.0])
     table = markdown_table(summary)
-    assert "| chromatin | 20x | 0.5 | 32:1 | 32 | 16 | 2 | 0.85 [" in table
+    assert "| chromatin | 20x | 0.5 | 32:1 | gelu | 32 | 16 | 2 | 0.85 [" in table  # rows without act_layer: gelu
 
 
 def test_resolution_axis_is_the_delivered_mpp_with_the_configured_power_beside_it(tmp_path) -> None:
@@ -72,8 +72,8 @@ def test_resolution_axis_is_the_delivered_mpp_with_the_configured_power_beside_i
     assert summary["tile_mpp"].tolist() == pytest.approx([0.4564, 3.6512])
     assert summary["field_um"].tolist() == pytest.approx([32 * 0.4564, 32 * 3.6512])
     table = markdown_table(summary)
-    assert "| chromatin | 20x | 0.456 | 32:1 | 32 | 15 | 2 |" in table
-    assert "| chromatin | 2.5x | 3.65 | 32:1 | 32 | 117 | 2 |" in table
+    assert "| chromatin | 20x | 0.456 | 32:1 | gelu | 32 | 15 | 2 |" in table
+    assert "| chromatin | 2.5x | 3.65 | 32:1 | gelu | 32 | 117 | 2 |" in table
     write_report(tmp_path, results)
     assert (tmp_path / "metric_vs_resolution.png").stat().st_size > 0
     assert pd.read_csv(tmp_path / "summary.csv")["field_um"].tolist() == pytest.approx([14.6048, 116.8384])
@@ -128,7 +128,8 @@ def test_findings_say_what_won_by_how_much_and_where_the_checkpoint_is() -> None
             "spread") in text
     assert ("mhsa_blocks 32:1 won: tile_balanced_accuracy 0.970 against 0.960 at 16:1,32:1 (+0.010), within the "
             "seed spread") in text
-    assert "At chance (0.50): 5x, 32:1, 64; 5x, 16:1,32:1, 64." in text
+    assert "At chance (0.50): 5x, 32:1, gelu, 64; 5x, 16:1,32:1, gelu, 64." in text
+    assert "act_layer" not in text  # one activation: nothing to compare
     assert "Best cell `chromatin_20x_32:1_seed2` (tile_balanced_accuracy 0.990), checkpoint " \
            "`cells/chromatin_20x_32:1_seed2/best.ckpt`" in text
     assert "cell `chromatin_20x_32:1_seed2` measured 30.0 tiles/s against a median of 100.0" in text
@@ -139,3 +140,23 @@ def test_one_seed_has_no_spread_to_compare() -> None:
     results = _study_results()
     text = findings_markdown(results[results["seed"] == 0], "tile_balanced_accuracy")
     assert "one seed, so the seed spread is unknown" in text
+
+
+def test_act_layer_values_are_grid_points_of_their_own(tmp_path) -> None:
+    """A relu model at 20x/32:1 (0.80, 0.82, 0.84; 150 tiles/s) beside the gelu cells recorded before the
+    axis (act_layer empty, read as gelu). gelu's best grid point 0.970 [0.920, 1] against relu's 0.820
+    [0.770, 0.870]: +0.150, apart. Median throughput of the task's gelu cells, 12 values: (102 + 299) / 2."""
+    gelu = _study_results().assign(act_layer=float("nan"))
+    relu = gelu[(gelu["resolution"] == "20x") & (gelu["mhsa_blocks"] == "32:1")].assign(
+        act_layer="relu", tile_balanced_accuracy=[0.80, 0.82, 0.84], throughput=[150.0, 151.0, 149.0])
+    results = pd.concat([gelu, relu.assign(cell=relu["cell"] + "_relu")], ignore_index=True)
+    summary = summarise(results)
+    assert len(summary) == 5
+    assert summary["act_layer"].tolist() == ["gelu"] * 4 + ["relu"]
+    assert summary["throughput"].iloc[-1] == 150.0
+    assert "| chromatin | 20x | 0.5 | 32:1 | relu | 64 | 32 | 3 | 0.82 [" in markdown_table(summary)
+    text = findings_markdown(results, "tile_balanced_accuracy")
+    assert ("act_layer gelu won: tile_balanced_accuracy 0.970 against 0.820 at relu (+0.150), beyond the seed "
+            "spread (95 % intervals apart); median throughput gelu 200.5, relu 150.0 tiles/s") in text
+    write_report(tmp_path, results)
+    assert (tmp_path / "pareto.png").stat().st_size > 0

@@ -7,8 +7,11 @@ from pathlib import Path
 import h5py
 import pandas as pd
 import pytest
+import torch
 
+from pathology.checkpoint import load_checkpoint
 from pathology.models import create_model
+from pathology.models.runtime import choose_backend
 from pathology.study.grid import load_study
 from pathology.study.run import RESULT_JSON, StudyError, main, read_slides, run_study
 
@@ -36,7 +39,10 @@ def test_every_cell_is_trained_evaluated_and_timed(tiny_study) -> None:
     # the demo slides are 0.5 µm/px 20x scans: 2.5x delivered 4 µm/px, a 32-px tile 128 µm
     assert results["tile_mpp"].tolist() == pytest.approx([4.0, 4.0])
     assert written["field_um"].tolist() == pytest.approx([128.0, 128.0])
-    assert (out / "report.md").read_text().count("| chromatin | 2.5x | 4 | 32:1 | 32 | 128 | 2 |") == 1
+    assert (out / "report.md").read_text().count("| chromatin | 2.5x | 4 | 32:1 | gelu | 32 | 128 | 2 |") == 1
+    # timed through the backend inference takes by default on this machine's CPU
+    assert written["backend"].tolist() == [choose_backend("auto", torch.device("cpu"))] * 2
+    assert written["act_layer"].tolist() == ["gelu", "gelu"]
 
 
 def test_test_tiles_count_equals_the_tile_stores(tiny_study) -> None:
@@ -77,6 +83,28 @@ def test_interrupted_study_resumes_and_a_new_cell_runs_alone(study_copy, tmp_pat
     assert resumed["status"].tolist() == ["ok", "ok", "ok"]
     assert (out / "cells" / seed0 / RESULT_JSON).stat().st_mtime_ns == kept
     assert "| 3 |" in (out / "report.md").read_text()
+
+
+def test_an_act_layer_axis_trains_its_activation_and_reads_old_cells_as_gelu(study_copy, tmp_path) -> None:
+    """Seed 0's result is stripped of act_layer, as written before the axis existed: it is read back as
+    the gelu cell; the hard_swish cell alone is trained, and its checkpoint records the activation."""
+    configs, slides_csv, out, results = study_copy
+    seed0 = results["cell"].iloc[0]
+    stored = json.loads((out / "cells" / seed0 / RESULT_JSON).read_text())
+    del stored["act_layer"]
+    (out / "cells" / seed0 / RESULT_JSON).write_text(json.dumps(stored))
+    override = tmp_path / "acts.yaml"
+    override.write_text("grid: {seed: [0], act_layer: [gelu, hard_swish]}\n")
+    again = run_study(load_study([*configs, override], slides_csv), out)
+    assert again["act_layer"].tolist() == ["gelu", "hard_swish"]
+    assert again["cached"].tolist() == [True, False] and again["status"].tolist() == ["ok", "ok"]
+    assert again["cell"].tolist() == [seed0, seed0.replace("_32px", "_act-hard_swish_32px")]
+    _, spec = load_checkpoint(again["checkpoint"].iloc[1])
+    assert spec.act_layer == "hard_swish"
+    written = pd.read_csv(out / "results.csv")
+    assert written["act_layer"].tolist() == ["gelu", "hard_swish"]
+    report = (out / "report.md").read_text()
+    assert "| 32:1 | gelu | 32 |" in report and "| 32:1 | hard_swish | 32 |" in report
 
 
 def test_cli_reports_a_slides_csv_without_split(tiny_study, tmp_path, capsys) -> None:
