@@ -18,7 +18,7 @@ from pathology.checkpoint import STATE_PREFIX
 __all__ = ["RAW_PREFIX", "WARMUP_POWER", "create_ema", "state_from_checkpoint", "state_for_checkpoint"]
 
 RAW_PREFIX = "raw_model."
-# Warm-up decay 1 - (1 + step)^-3/4: 0.9 after 20 steps, 0.99 after 460, 0.999 after 10 000 (capped at the
+# Warm-up decay 1 - (1 + step)^-3/4: about 0.9 after 20 steps, 0.99 after 460, 0.999 after 10 000 (capped at the
 # configured decay). Crowson's value for runs shorter than a million steps, so early weights fade fast.
 WARMUP_POWER = 3 / 4
 
