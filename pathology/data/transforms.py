@@ -9,6 +9,7 @@ from dataclasses import dataclass
 from typing import Any
 
 import albumentations as A
+import cv2
 import numpy as np
 from albumentations.core.transforms_interface import BaseTransformInitSchema
 from albumentations.pytorch import ToTensorV2
@@ -19,6 +20,7 @@ __all__ = ["hed_jitter", "HEDJitter", "AugmentConfig", "eval_transform", "train_
 
 MIN_TRANSMITTANCE = 1e-6  # floor before the log, so pure black has a finite optical density
 MAX_PIXEL = 255.0
+FULL_TURN_DEG = 360.0
 
 
 def hed_jitter(image: np.ndarray, alpha: np.ndarray, beta: np.ndarray) -> np.ndarray:
@@ -74,6 +76,8 @@ class AugmentConfig:
     Attributes:
         flip_p: horizontal and (independently) vertical flip.
         rotate90_p: rotation by a random multiple of 90°.
+        affine_p: rotation by any angle and scaling by a factor in 1 ± ``affine_scale``, the corners
+            filled by reflecting the tile (tissue has no up, and its texture goes on past the edge).
         hed_p: HED stain jitter with ``hed_alpha_sigma`` / ``hed_beta_sigma`` (OD units).
         color_p: brightness/contrast/saturation/hue jitter of the given strengths.
         blur_p: Gaussian blur of up to ``blur_sigma_max`` pixels (out-of-focus scans).
@@ -82,6 +86,8 @@ class AugmentConfig:
 
     flip_p: float = 0.5
     rotate90_p: float = 0.5
+    affine_p: float = 0.0
+    affine_scale: float = 0.1
     hed_p: float = 0.5
     hed_alpha_sigma: float = 0.05
     hed_beta_sigma: float = 0.05
@@ -113,6 +119,8 @@ def train_transform(augment: AugmentConfig, img_size: int, mean: tuple[float, ..
         A.HorizontalFlip(p=cfg.flip_p),
         A.VerticalFlip(p=cfg.flip_p),
         A.RandomRotate90(p=cfg.rotate90_p),
+        A.Affine(rotate=(-FULL_TURN_DEG / 2, FULL_TURN_DEG / 2), scale=(1 - cfg.affine_scale, 1 + cfg.affine_scale),
+                 border_mode=cv2.BORDER_REFLECT_101, p=cfg.affine_p),
         HEDJitter(cfg.hed_alpha_sigma, cfg.hed_beta_sigma, p=cfg.hed_p),
         A.ColorJitter(brightness=cfg.brightness, contrast=cfg.contrast, saturation=cfg.saturation, hue=cfg.hue,
                       p=cfg.color_p),

@@ -2,7 +2,8 @@
 
 It holds no paths, batch sizes or files (those belong to the DataModule). Its checkpoint carries
 :class:`pathology.checkpoint.ModelSpec` under ``SPEC_KEY`` and only plain-typed hyper-parameters,
-so inference reads it with ``torch.load(weights_only=True)``.
+so inference reads it with ``torch.load(weights_only=True)``. With ``ema_decay``, validation, testing
+and the checkpoint's ``model.*`` weights are the EMA (:mod:`pathology.training.ema`).
 """
 from __future__ import annotations
 
@@ -12,17 +13,21 @@ import lightning as L
 import numpy as np
 import torch
 import torch.nn.functional as F
+from jsonargparse.typing import ClosedUnitInterval, NonNegativeFloat, OpenUnitInterval
 from torch import nn
 
 from pathology.checkpoint import SPEC_KEY, ModelSpec
 from pathology.models import create_model
 from pathology.models.mhsa import MhsaBlocks
+from pathology.training.ema import create_ema, state_for_checkpoint, state_from_checkpoint
 from pathology.training.metrics import classification_metrics
+from pathology.training.mixup import create_mixup, mix, soft_cross_entropy
 from wsi_tiling import Resolution
 
 __all__ = ["TileClassifier", "NonFiniteLossError", "warmup_cosine"]
 
 HEAD_PREFIX = "head"  # timm names the classifier heads head / head_dist
+EMA_PREFIX = "ema.module."  # where the state_dict holds the EMA copy (attribute ema, timm's ModelEmaV3.module)
 
 
 class NonFiniteLossError(FloatingPointError):
@@ -59,6 +64,11 @@ class TileClassifier(L.LightningModule):
         label_smoothing: float = 0.0,
         class_weights: list[float] | None = None,
         balanced_loss: bool = False,
+        ema_decay: OpenUnitInterval | None = None,
+        ema_warmup: bool = True,
+        mixup_alpha: NonNegativeFloat = 0.0,
+        cutmix_alpha: NonNegativeFloat = 0.0,
+        mixup_prob: ClosedUnitInterval = 1.0,
     ) -> None:
         """Args:
             class_names: class names in logit order (linked from the data).
@@ -81,10 +91,19 @@ class TileClassifier(L.LightningModule):
             label_smoothing: cross-entropy label smoothing.
             class_weights: per-class loss weights; None for equal weights.
             balanced_loss: weight the loss by inverse class frequency of the training split instead.
+            ema_decay: keep an exponential moving average of the weights with this decay per optimiser
+                step (e.g. 0.999), used for validation, testing and the saved weights; None for none.
+            ema_warmup: raise the EMA decay from 0 as ``1 - (1 + step)^-3/4`` until it reaches ``ema_decay``.
+            mixup_alpha: Mixup of training batches with blend weight ~ Beta(alpha, alpha); 0 for none.
+            cutmix_alpha: CutMix of training batches with kept area ~ Beta(alpha, alpha); 0 for none (with
+                both on, each batch gets one of them at even odds).
+            mixup_prob: probability that a training batch is mixed when Mixup or CutMix is on.
         """
         super().__init__()
         blocks = None if mhsa_blocks is None else MhsaBlocks.parse(mhsa_blocks)
         mhsa_blocks = None if blocks is None else str(blocks)  # hparams hold plain types: weights_only loads them
+        ema_decay = None if ema_decay is None else float(ema_decay)  # not jsonargparse's float subclasses
+        mixup_alpha, cutmix_alpha, mixup_prob = float(mixup_alpha), float(cutmix_alpha), float(mixup_prob)
         self.save_hyperparameters()
         self.resolution = Resolution.parse(resolution)
         self.model = create_model(model_name, mhsa_blocks=blocks, num_classes=len(class_names),
@@ -93,6 +112,9 @@ class TileClassifier(L.LightningModule):
                                   layer_scale_init_value=layer_scale_init_value)
         weights = None if class_weights is None else torch.tensor(class_weights, dtype=torch.float32)
         self.register_buffer("loss_weights", weights, persistent=False)
+        self.ema = None if ema_decay is None else create_ema(self.model, ema_decay, ema_warmup)
+        self._ema_step = 0  # the optimiser step the EMA last followed
+        self.mixup = create_mixup(mixup_alpha, cutmix_alpha, mixup_prob, len(class_names))
         self._outputs: list[tuple[torch.Tensor, torch.Tensor]] = []
         self.tile_mpp: float | None = None  # delivered µm/px of the training tiles (from the data, in setup)
         self.tile_mpp_spread: float | None = None
@@ -123,6 +145,11 @@ class TileClassifier(L.LightningModule):
             counts = np.maximum(datamodule.class_counts("train"), 1).astype(np.float32)
             self.loss_weights = torch.from_numpy(counts.sum() / (len(counts) * counts)).to(self.device)
 
+    @property
+    def eval_model(self) -> nn.Module:
+        """The weights validation, testing and the checkpoint's ``model.*`` hold: the EMA when kept."""
+        return self.model if self.ema is None else self.ema.module
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.model(x)
 
@@ -131,16 +158,30 @@ class TileClassifier(L.LightningModule):
 
     def training_step(self, batch: tuple[torch.Tensor, torch.Tensor], batch_idx: int) -> torch.Tensor:
         images, labels = batch
-        loss = self._loss(self(images), labels)
+        if self.mixup is None:
+            loss = self._loss(self(images), labels)
+        else:
+            images, targets = mix(self.mixup, images, labels)
+            loss = soft_cross_entropy(self(images), targets, self.loss_weights, self.hparams.label_smoothing)
         if not torch.isfinite(loss):
             raise NonFiniteLossError(f"training loss is {loss.item()} at step {self.global_step} (epoch "
                                      f"{self.current_epoch}); lower the learning rate or check the tiles")
         self.log("train/loss", loss, prog_bar=True, on_step=True, on_epoch=True, batch_size=len(labels))
         return loss
 
+    def on_train_start(self) -> None:
+        self._ema_step = self.global_step  # a resumed run continues from its checkpoint's step
+
+    def on_train_batch_end(self, outputs: torch.Tensor, batch: tuple[torch.Tensor, torch.Tensor],
+                           batch_idx: int) -> None:
+        """Moves the EMA towards the weights once per optimiser step (not per batch when gradients accumulate)."""
+        if self.ema is not None and self.global_step > self._ema_step:
+            self.ema.update(self.model, step=self.global_step)
+            self._ema_step = self.global_step
+
     def _eval_step(self, batch: tuple[torch.Tensor, torch.Tensor], stage: str) -> None:
         images, labels = batch
-        logits = self(images)
+        logits = self.eval_model(images)
         self.log(f"{stage}/loss", self._loss(logits, labels), on_epoch=True, sync_dist=True, batch_size=len(labels))
         self._outputs.append((logits.softmax(dim=1).detach(), labels.detach()))
 
@@ -199,9 +240,15 @@ class TileClassifier(L.LightningModule):
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
 
     def on_save_checkpoint(self, checkpoint: dict) -> None:
+        """Adds the spec; with EMA, the EMA weights go under ``model.*`` and the raw ones under ``raw_model.*``."""
         checkpoint[SPEC_KEY] = self.spec.to_dict()
+        if self.ema is not None:
+            checkpoint["state_dict"] = state_for_checkpoint(checkpoint["state_dict"], EMA_PREFIX)
 
     def on_load_checkpoint(self, checkpoint: dict) -> None:
-        """Restores the training tiles' µm/px, which is data, not a hyper-parameter."""
+        """Restores the training tiles' µm/px, which is data, not a hyper-parameter, and puts the raw and
+        EMA weights where this module keeps them (Lightning loads the ``state_dict`` after this hook)."""
         spec = checkpoint.get(SPEC_KEY, {})
         self.tile_mpp, self.tile_mpp_spread = spec.get("tile_mpp"), spec.get("tile_mpp_spread")
+        checkpoint["state_dict"] = state_from_checkpoint(checkpoint["state_dict"],
+                                                       None if self.ema is None else EMA_PREFIX)

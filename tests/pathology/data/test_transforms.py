@@ -59,3 +59,18 @@ def test_train_transform_ends_at_model_input_size(rng: np.random.Generator) -> N
     tile = rng.integers(0, 256, (50, 50, 3), dtype=np.uint8)
     out = train_transform(AugmentConfig(hed_p=1.0, blur_p=1.0, jpeg_p=1.0), 96, (0.5,) * 3, (0.5,) * 3)(image=tile)
     assert out["image"].shape == (3, 96, 96)
+
+
+def test_free_rotation_turns_the_tile_and_reflects_its_corners(rng: np.random.Generator) -> None:
+    """A uniform tile stays uniform (a zero-filled border would blacken the corners); a striped one turns."""
+    affine_only = AugmentConfig(flip_p=0, rotate90_p=0, affine_p=1.0, affine_scale=0.1, hed_p=0, color_p=0, blur_p=0,
+                                jpeg_p=0)
+    transform = train_transform(affine_only, 50, (0.0,) * 3, (1.0,) * 3)
+    uniform = np.full((50, 50, 3), 200, np.uint8)
+    for _ in range(5):
+        out = transform(image=uniform)["image"]
+        assert torch.allclose(out, torch.full_like(out, 200 / 255), atol=1e-6)
+    stripes = np.zeros((50, 50, 3), np.uint8)
+    stripes[:, ::10] = 255  # vertical lines
+    original = torch.from_numpy(stripes).permute(2, 0, 1) / 255
+    assert all(not torch.allclose(transform(image=stripes)["image"], original, atol=0.1) for _ in range(5))

@@ -62,3 +62,21 @@ def test_cli_prints_the_file_of_a_typo(tmp_path: Path, capsys: pytest.CaptureFix
 def test_a_bad_value_names_the_config_files(tmp_path: Path) -> None:
     with pytest.raises(ArgumentError, match=r"train_tiny\.yaml: .*mhsa_blocks"):
         fit(["--config", str(TINY_CONFIG), "--model.mhsa_blocks", "64:1"])
+
+
+def test_ema_and_mixup_options_train_and_their_checkpoint_loads_safely(tile_folder: Path, tmp_path: Path) -> None:
+    """The range-checked options reach the checkpoint's hyper-parameters as plain floats (weights_only loads)."""
+    result = fit(["--config", str(TINY_CONFIG), "--data.source.init_args.root", str(tile_folder),
+                  "--trainer.default_root_dir", str(tmp_path), "--data.split_csv", str(tmp_path / "splits.csv"),
+                  "--model.model_name", "efficientformer_tiny", "--model.ema_decay", "0.9",
+                  "--model.mixup_alpha", "0.2", "--model.cutmix_alpha", "1.0", "--model.mixup_prob", "0.5"])
+    hparams = torch.load(result.best_checkpoint, map_location="cpu", weights_only=True)["hyper_parameters"]
+    assert (hparams["ema_decay"], hparams["mixup_alpha"], hparams["cutmix_alpha"], hparams["mixup_prob"]) == (
+        0.9, 0.2, 1.0, 0.5)
+    assert "test/auroc" in result.metrics
+
+
+@pytest.mark.parametrize(("key", "value"), [("ema_decay", "1.0"), ("mixup_alpha", "-0.1"), ("mixup_prob", "1.5")])
+def test_out_of_range_ema_and_mixup_options_fail_at_parse_time(key: str, value: str) -> None:
+    with pytest.raises(ArgumentError, match=key):
+        fit(["--config", str(TINY_CONFIG), f"--model.{key}", value])
