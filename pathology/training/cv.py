@@ -23,7 +23,7 @@ import logging
 import math
 import sys
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -35,7 +35,14 @@ from pathology.atomic import atomic_path
 from pathology.checkpoint import CheckpointError, load_inference_model, save_ensemble_checkpoint
 from pathology.data import TEST_FOLD, SplitError, TileDataError, TileDataset, eval_transform
 from pathology.data.sources import read_table
-from pathology.inference.predict import RunOptions, make_predictor, predict_tiles, start_devices
+from pathology.inference.predict import (
+    RUNNER_ERRORS,
+    RunOptions,
+    add_backend_option,
+    make_predictor,
+    predict_tiles,
+    start_devices,
+)
 from pathology.io import read_torch_file
 from pathology.training.fit import check_config, fit
 from pathology.training.metrics import classification_metrics
@@ -48,7 +55,6 @@ log = logging.getLogger(__name__)
 RESULT_FILE = "result.json"  # written last in a fold's or the final's folder: its presence means "done"
 SUMMARY_METRICS = ("balanced_accuracy", "f1", "auroc")
 TILE_COLUMNS = ["path", "tile_index", "slide_path", "patient_id", "label"]
-PREDICT_OPTIONS = RunOptions(num_workers=0, accelerator="cpu", progress_bar=False, backend="torch")
 
 
 @dataclass(frozen=True)
@@ -115,12 +121,12 @@ def _n_folds(split_csv: Path) -> int:
     return len(folds)
 
 
-def _predictions(checkpoint: Path, tiles: pd.DataFrame) -> pd.DataFrame:
+def _predictions(checkpoint: Path, tiles: pd.DataFrame, options: RunOptions) -> pd.DataFrame:
     """``path``, ``patient_id``, ``label`` (class name) and ``prob_<class>`` of ``tiles`` by ``checkpoint``."""
     model, spec = load_inference_model(checkpoint)
-    predictor = make_predictor(model, start_devices(PREDICT_OPTIONS), backend=PREDICT_OPTIONS.backend)
+    predictor = make_predictor(model, start_devices(options), backend=options.backend, cache_dir=checkpoint.parent)
     dataset = TileDataset(tiles, eval_transform(spec.img_size, spec.mean, spec.std))
-    probs = predict_tiles(predictor, dataset, PREDICT_OPTIONS).probs
+    probs = predict_tiles(predictor, dataset, options).probs
     names = np.array(spec.class_names)
     frame = pd.DataFrame({"path": tiles["path"].to_numpy(), "patient_id": tiles["patient_id"].to_numpy(),
                           "label": names[tiles["label"].to_numpy()]})
@@ -137,7 +143,7 @@ def _metrics(predictions: pd.DataFrame) -> dict[str, float]:
     return {key: metrics[key] for key in SUMMARY_METRICS}
 
 
-def _run_fold(args: list[str], values: Mapping[str, Any], out: Path, fold: int) -> FoldResult:
+def _run_fold(args: list[str], values: Mapping[str, Any], out: Path, fold: int, options: RunOptions) -> FoldResult:
     """Fits (or, when its result file exists, reads back) the model validated on ``fold``; also writes the
     test tiles' table ``OUT/test_tiles.csv`` the first time."""
     folder = out / f"fold_{fold}"
@@ -147,7 +153,7 @@ def _run_fold(args: list[str], values: Mapping[str, Any], out: Path, fold: int) 
     result = fit(args, {**values, "data.val_fold": fold, "trainer.default_root_dir": str(folder)})
     if not (out / "test_tiles.csv").is_file():
         _write_csv(out / "test_tiles.csv", result.tables["test"][TILE_COLUMNS])
-    predictions = _predictions(result.best_checkpoint, result.tables["val"])
+    predictions = _predictions(result.best_checkpoint, result.tables["val"], options)
     _write_csv(folder / "val_predictions.csv", predictions)
     best_epoch = int(read_torch_file(result.best_checkpoint, "checkpoint")["epoch"])
     fold_result = FoldResult(fold, best_epoch, result.best_checkpoint, _metrics(predictions))
@@ -161,13 +167,14 @@ def _test_tiles(out: Path) -> pd.DataFrame:
                        dtype={"path": str, "slide_path": str, "patient_id": str})
 
 
-def _run_final(args: list[str], values: Mapping[str, Any], out: Path, epochs: int) -> tuple[Path, dict[str, float]]:
+def _run_final(args: list[str], values: Mapping[str, Any], out: Path, epochs: int,
+               options: RunOptions) -> tuple[Path, dict[str, float]]:
     """Fits (or reads back) the model of every non-test patient for ``epochs``; returns it and its test metrics."""
     folder = out / "final"
     if not (folder / RESULT_FILE).is_file():
         result = fit(args, {**values, "data.val_fold": None, "trainer.limit_val_batches": 0,
                             "trainer.max_epochs": epochs, "trainer.default_root_dir": str(folder)})
-        predictions = _predictions(result.best_checkpoint, _test_tiles(out))
+        predictions = _predictions(result.best_checkpoint, _test_tiles(out), options)
         _write_csv(folder / "test_predictions.csv", predictions)
         _write_json(folder / RESULT_FILE, {"epochs": epochs, "checkpoint": str(result.best_checkpoint),
                                            "train_tiles": len(result.tables["train"]), "test": _metrics(predictions)})
@@ -175,12 +182,12 @@ def _run_final(args: list[str], values: Mapping[str, Any], out: Path, epochs: in
     return Path(data["checkpoint"]), data["test"]
 
 
-def _run_ensemble(out: Path, folds: list[FoldResult]) -> dict[str, float]:
+def _run_ensemble(out: Path, folds: list[FoldResult], options: RunOptions) -> dict[str, float]:
     """Writes (unless there) ``OUT/ensemble.ckpt`` of the fold models; returns its test metrics."""
     path, predictions_csv = out / "ensemble.ckpt", out / "ensemble_test_predictions.csv"
     if not predictions_csv.is_file():
         save_ensemble_checkpoint(path, [fold.checkpoint for fold in folds])
-        _write_csv(predictions_csv, _predictions(path, _test_tiles(out)))
+        _write_csv(predictions_csv, _predictions(path, _test_tiles(out), options))
     return _metrics(pd.read_csv(predictions_csv))
 
 
@@ -202,7 +209,7 @@ def _write_summary(out: Path, result: CvResult) -> None:
 
 
 def cross_validate(args: list[str], out_dir: str | Path, values: Mapping[str, Any] | None = None, *,
-                   final: bool = True, ensemble: bool = True) -> CvResult:
+                   final: bool = True, ensemble: bool = True, options: RunOptions = RunOptions()) -> CvResult:
     """Runs every fold, the final fit and the ensemble, skipping what a previous run finished.
 
     Args:
@@ -212,27 +219,30 @@ def cross_validate(args: list[str], out_dir: str | Path, values: Mapping[str, An
         values: typed settings over ``args``, as :func:`~pathology.training.fit.fit` takes them.
         final: fit the final model on train + val patients.
         ensemble: write the fold models as ``ensemble.ckpt``.
+        options: how the validation and test tiles are predicted (backend, batch size, devices).
 
     Raises:
         jsonargparse.ArgumentError: bad configs or arguments; TileDataError: bad tiles, labels or
-        split file (fewer than two folds); NonFiniteLossError; CheckpointError.
+        split file (fewer than two folds); NonFiniteLossError; CheckpointError; a runner error
+        (:data:`~pathology.inference.predict.RUNNER_ERRORS`).
     """
     out, values = Path(out_dir).resolve(), dict(values or {})
     split_csv = Path(check_config(args, values).data.split_csv)
-    folds = [] if split_csv.is_file() else [_run_fold(args, values, out, 0)]  # fold 0 makes the split file
-    folds += [_run_fold(args, values, out, k) for k in range(len(folds), _n_folds(split_csv))]
+    folds = [] if split_csv.is_file() else [_run_fold(args, values, out, 0, options)]  # fold 0 makes the split file
+    folds += [_run_fold(args, values, out, k, options) for k in range(len(folds), _n_folds(split_csv))]
     oof = [pd.read_csv(out / f"fold_{f.fold}" / "val_predictions.csv", dtype={"patient_id": str}).assign(fold=f.fold)
            for f in folds]
     _write_csv(out / "oof_predictions.csv", pd.concat(oof, ignore_index=True))
     epochs = final_epochs([f.best_epoch for f in folds])
     result = CvResult(folds, epochs, None, {}, None)
     if final:
-        checkpoint, metrics = _run_final(args, values, out, epochs)
-        result = CvResult(folds, epochs, checkpoint, {f"final/{k}": v for k, v in metrics.items()}, None)
+        checkpoint, metrics = _run_final(args, values, out, epochs, options)
+        result = replace(result, final_checkpoint=checkpoint,
+                         test_metrics={f"final/{k}": v for k, v in metrics.items()})
     if ensemble:
-        metrics = _run_ensemble(out, folds)
-        result = CvResult(folds, epochs, result.final_checkpoint,
-                          result.test_metrics | {f"ensemble/{k}": v for k, v in metrics.items()}, out / "ensemble.ckpt")
+        metrics = _run_ensemble(out, folds, options)
+        result = replace(result, ensemble=out / "ensemble.ckpt",
+                         test_metrics=result.test_metrics | {f"ensemble/{k}": v for k, v in metrics.items()})
     _write_summary(out, result)
     return result
 
@@ -245,10 +255,14 @@ def main(argv: list[str]) -> int:
     parser.add_argument("--out", type=Path, required=True, help="output folder (fold_<k>/, final/, summaries)")
     parser.add_argument("--no-final", dest="final", action="store_false", help="skip the final fit on train + val")
     parser.add_argument("--no-ensemble", dest="ensemble", action="store_false", help="skip ensemble.ckpt")
+    add_backend_option(parser)
     args, train_args = parser.parse_known_args(argv)
     try:
-        result = cross_validate(train_args, args.out, final=args.final, ensemble=args.ensemble)
-    except (ArgumentError, TileDataError, NonFiniteLossError, CheckpointError) as err:
+        result = cross_validate(train_args, args.out, final=args.final, ensemble=args.ensemble,
+                                options=RunOptions(backend=args.backend))
+    except SystemExit as stop:  # --help and --print_config of the training arguments exit from their parser
+        return int(stop.code or 0)
+    except (ArgumentError, TileDataError, NonFiniteLossError, CheckpointError, *RUNNER_ERRORS) as err:
         print(f"pathology cv: {err}", file=sys.stderr)
         return 2 if isinstance(err, ArgumentError) else 1
     print(pd.read_csv(args.out / "cv_summary.csv").drop(columns="checkpoint").to_string(index=False))

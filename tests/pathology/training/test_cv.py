@@ -11,6 +11,7 @@ import torch
 
 from pathology.checkpoint import load_inference_model
 from pathology.data import eval_transform, read_image
+from pathology.inference.predict import RunOptions
 from pathology.models.ensemble import Ensemble
 from pathology.training.cv import cross_validate, final_epochs, main
 from pathology.training.predict_tiles import main as predict_tiles_main
@@ -30,7 +31,7 @@ def cv_run(tile_folder: Path, tmp_path_factory: pytest.TempPathFactory) -> tuple
     args = ["--config", str(TINY_CONFIG), "--data.source.init_args.root", str(tile_folder),
             "--data.split_csv", str(root / "splits.csv"), "--data.n_folds", str(N_FOLDS),
             "--model.model_name", "efficientformer_tiny", "--model.mhsa_blocks", "32:1"]
-    assert main(["--out", str(root / "out"), *args]) == 0
+    assert main(["--out", str(root / "out"), "--backend", "torch", *args]) == 0
     return args, root
 
 
@@ -81,7 +82,7 @@ def test_a_rerun_skips_finished_folds(cv_run) -> None:
     args, root = cv_run
     out = root / "out"
     before = {p: p.stat().st_mtime_ns for p in out.rglob("*.ckpt")}
-    result = cross_validate(args, out)
+    result = cross_validate(args, out, options=RunOptions(backend="torch"))
     assert {p: p.stat().st_mtime_ns for p in out.rglob("*.ckpt")} == before  # nothing trained or rewritten
     assert not list(out.glob("fold_*/csv/version_1"))
     assert [f.fold for f in result.folds] == list(range(N_FOLDS))
