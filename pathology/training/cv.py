@@ -35,14 +35,8 @@ from pathology.atomic import atomic_path
 from pathology.checkpoint import CheckpointError, load_inference_model, save_ensemble_checkpoint
 from pathology.data import TEST_FOLD, SplitError, TileDataError, TileDataset, eval_transform
 from pathology.data.sources import read_table
-from pathology.inference.predict import (
-    RUNNER_ERRORS,
-    RunOptions,
-    add_backend_option,
-    make_predictor,
-    predict_tiles,
-    start_devices,
-)
+from pathology.inference.predict import RUNNER_ERRORS, RunOptions, add_backend_option, make_predictor, predict_tiles
+from pathology.inference.predict import start_devices
 from pathology.io import read_torch_file
 from pathology.training.fit import check_config, fit
 from pathology.training.metrics import classification_metrics
