@@ -3,12 +3,14 @@
 A checkpoint is a plain dict that ``torch.load(weights_only=True)`` can read: ``state_dict``
 with keys ``model.<timm key>`` (as the LightningModule saves them) and, under :data:`SPEC_KEY`,
 the :class:`ModelSpec` as plain types. Lightning checkpoints and :func:`save_checkpoint` share
-this layout, so inference never needs to know which wrote the file.
+this layout, so inference never needs to know which wrote the file. An ensemble of ``k`` models
+(:func:`save_ensemble_checkpoint`) has ``ensemble_size = k`` and keys ``model.members.<i>.<timm key>``;
+:func:`load_inference_model` rebuilds it as one :class:`~pathology.models.ensemble.Ensemble`.
 """
 from __future__ import annotations
 
 import logging
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -18,11 +20,13 @@ from torch import nn
 from pathology.atomic import atomic_path
 from pathology.io import CheckpointError, read_torch_file
 from pathology.models import create_model
+from pathology.models.ensemble import Ensemble
 from pathology.models.mhsa import MhsaBlocks
 from wsi_tiling import Resolution
 
 __all__ = [
-    "SPEC_KEY", "CheckpointError", "ModelSpec", "save_checkpoint", "load_checkpoint", "load_inference_model",
+    "SPEC_KEY", "CheckpointError", "ModelSpec", "save_checkpoint", "save_ensemble_checkpoint", "load_checkpoint",
+    "load_inference_model",
 ]
 
 SPEC_KEY = "pathology_spec"
@@ -51,6 +55,8 @@ class ModelSpec:
             None when unknown (image tiles, or a checkpoint older than this field).
         tile_mpp_spread: (max - min) / median of the stores' delivered µm/px; None when unknown.
         act_layer: the MLPs' activation, a timm name (``gelu``, ``relu``, ``hard_swish``, ...).
+        ensemble_size: how many models of this architecture the checkpoint holds (1: a single model;
+            more: an :class:`~pathology.models.ensemble.Ensemble` of them, e.g. the CV fold models).
     """
 
     model_name: str
@@ -64,6 +70,7 @@ class ModelSpec:
     tile_mpp: float | None = None
     tile_mpp_spread: float | None = None
     act_layer: str = DEFAULT_ACT_LAYER
+    ensemble_size: int = 1
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "mhsa_blocks", MhsaBlocks.parse(self.mhsa_blocks))  # a plain dict is accepted
@@ -99,6 +106,7 @@ class ModelSpec:
             tile_mpp=_optional_float(data.get("tile_mpp")),
             tile_mpp_spread=_optional_float(data.get("tile_mpp_spread")),
             act_layer=data.get("act_layer", DEFAULT_ACT_LAYER),
+            ensemble_size=int(data.get("ensemble_size", 1)),  # older checkpoints hold one model
         )
 
 
@@ -134,19 +142,35 @@ def load_checkpoint(path: str | Path) -> tuple[dict[str, torch.Tensor], ModelSpe
     return state, ModelSpec.from_dict(ckpt[SPEC_KEY])
 
 
+def save_ensemble_checkpoint(path: str | Path, members: list[str | Path]) -> Path:
+    """Writes the models of the checkpoints ``members`` as one ensemble checkpoint, atomically.
+
+    Raises:
+        CheckpointError: an unreadable member, or members whose specs differ (architecture,
+            classes, preprocessing).
+    """
+    models, specs = zip(*(load_inference_model(member) for member in members))
+    if any(spec != specs[0] for spec in specs):
+        raise CheckpointError(f"{path}: the members {[str(m) for m in members]} differ in their specs")
+    return save_checkpoint(path, Ensemble(list(models)), replace(specs[0], ensemble_size=len(models)))
+
+
 def load_inference_model(path: str | Path) -> tuple[nn.Module, ModelSpec]:
-    """Rebuilds the classifier a checkpoint describes, with its weights, in eval mode.
+    """Rebuilds the classifier a checkpoint describes (an :class:`Ensemble` when it holds several),
+    with its weights, in eval mode.
 
     Raises:
         CheckpointError: unreadable file, or weights that do not fit the recorded architecture.
     """
     state, spec = load_checkpoint(path)
-    model = create_model(spec.model_name, mhsa_blocks=spec.mhsa_blocks, num_classes=spec.num_classes,
-                         img_size=spec.img_size, act_layer=spec.act_layer)
+    models = [create_model(spec.model_name, mhsa_blocks=spec.mhsa_blocks, num_classes=spec.num_classes,
+                           img_size=spec.img_size, act_layer=spec.act_layer) for _ in range(spec.ensemble_size)]
+    model = models[0] if spec.ensemble_size == 1 else Ensemble(models)
     try:
         model.load_state_dict(state, strict=True)
     except RuntimeError as err:
-        raise CheckpointError(f"{path}: weights do not match {spec.model_name} "
-                              f"mhsa_blocks={spec.mhsa_blocks} ({str(err).splitlines()[0]})") from err
-    log.info("loaded %s from %s", spec.model_name, path)
+        raise CheckpointError(f"{path}: weights do not match {spec.model_name} mhsa_blocks={spec.mhsa_blocks} "
+                              f"ensemble_size={spec.ensemble_size} ({str(err).splitlines()[0]})") from err
+    log.info("loaded %s%s from %s", spec.model_name,
+             f" x {spec.ensemble_size}" if spec.ensemble_size > 1 else "", path)
     return model.eval(), spec

@@ -12,6 +12,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "model-info": ("pathology.models.info", "parameters, MACs and measured latency of a model"),
     "export": ("pathology.export", "write a checkpoint's model as an ONNX graph (dynamic batch, spec as metadata)"),
     "train": ("pathology.training.cli", "fine-tune a tile classifier (LightningCLI, YAML config)"),
+    "cv": ("pathology.training.cv", "cross-validate over the split's folds, fit the final model, ensemble the folds"),
     "predict-tiles": ("pathology.training.predict_tiles", "per-class probabilities for a set of tile images"),
     "infer": ("pathology.inference.infer", "tile slides, predict tiles, aggregate into slide predictions"),
     "calibrate": ("pathology.inference.calibrate", "pick a decision threshold and temperature on validation slides"),

@@ -43,7 +43,7 @@ class TileDataModule(L.LightningDataModule):
         test_fraction: float = 0.2,
         val_fraction: float = 0.2,
         n_folds: int | None = None,
-        val_fold: int = 0,
+        val_fold: int | None = 0,
         seed: int = 0,
         batch_size: int = 64,
         num_workers: int = 0,
@@ -61,7 +61,8 @@ class TileDataModule(L.LightningDataModule):
             test_fraction: share of patients held out for testing, when the split file is made.
             val_fraction: share of patients for validation, when ``n_folds`` is None.
             n_folds: k for cross-validation; ``val_fold`` picks the validation fold.
-            val_fold: fold used for validation (0 … k-1).
+            val_fold: fold used for validation (0 … k-1); None trains on every non-test fold with no
+                validation (the final fit after cross-validation, ``pathology cv``).
             seed: split seed.
             batch_size: tiles per batch per device.
             num_workers: DataLoader worker processes (0 loads in the main process).
@@ -129,8 +130,9 @@ class TileDataModule(L.LightningDataModule):
     def train_dataloader(self) -> DataLoader:
         return self._loader("train", train=True)
 
-    def val_dataloader(self) -> DataLoader:
-        return self._loader("val", train=False)
+    def val_dataloader(self) -> DataLoader | list:
+        """The validation tiles; with no validation fold none, which Lightning takes as "skip validation"."""
+        return [] if self.val_fold is None else self._loader("val", train=False)
 
     def test_dataloader(self) -> DataLoader:
         return self._loader("test", train=False)

@@ -95,8 +95,9 @@ def load_or_make_folds(path: str | Path, table: pd.DataFrame, **kwargs) -> pd.Da
     return folds
 
 
-def assign_splits(table: pd.DataFrame, folds: pd.DataFrame, val_fold: int = 0) -> pd.Series:
-    """Returns each tile's split, ``train``, ``val`` or ``test``, from its patient's fold."""
+def assign_splits(table: pd.DataFrame, folds: pd.DataFrame, val_fold: int | None = 0) -> pd.Series:
+    """Returns each tile's split, ``train``, ``val`` or ``test``, from its patient's fold (no ``val``
+    when ``val_fold`` is None)."""
     fold = table["patient_id"].astype(str).map(dict(zip(folds["patient_id"], folds["fold"])))
     split = np.where(fold == TEST_FOLD, "test", np.where(fold == val_fold, "val", "train"))
     return pd.Series(split, index=table.index, name="split")

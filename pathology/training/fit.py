@@ -15,12 +15,13 @@ import os
 import re
 import warnings
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import pandas as pd
 import yaml
-from jsonargparse import ArgumentError
+from jsonargparse import ArgumentError, Namespace
 from jsonargparse.typing import register_type
 from lightning.pytorch import Trainer
 from lightning.pytorch.callbacks import ModelCheckpoint
@@ -49,10 +50,12 @@ class FitResult:
     Attributes:
         best_checkpoint: the best checkpoint by the ModelCheckpoint monitor (else the last one).
         metrics: final logged values, ``train/…``, ``val/…`` and (with a test split) ``test/…``.
+        tables: the tile table of each split (``train``, ``val``, ``test``), as the data module made them.
     """
 
     best_checkpoint: Path
     metrics: dict[str, float]
+    tables: dict[str, pd.DataFrame] = field(default_factory=dict)
 
 
 class TrainCLI(LightningCLI):
@@ -163,6 +166,14 @@ def _best_checkpoint(trainer: Trainer) -> Path:
     return Path(callback.best_model_path or callback.last_model_path).resolve()
 
 
+def _keep_last_epoch(trainer: Trainer) -> None:
+    """With no validation there is nothing to monitor: a checkpoint callback that monitors a metric is
+    replaced by one in the same folder that keeps the last epoch."""
+    for i, callback in enumerate(trainer.callbacks):
+        if isinstance(callback, ModelCheckpoint) and callback.monitor is not None:
+            trainer.callbacks[i] = ModelCheckpoint(dirpath=callback.dirpath)
+
+
 class _ParseOnlyCLI(TrainCLI):
     """Stops after parsing: nothing is built and nothing is written."""
 
@@ -178,17 +189,22 @@ def _cli(cli_class: type[TrainCLI], args: list[str], values: Mapping[str, Any] |
                          parser_kwargs={"exit_on_error": False, "prog": "pathology train"})
 
 
-def check_config(args: list[str], values: Mapping[str, Any] | None = None) -> None:
+def check_config(args: list[str], values: Mapping[str, Any] | None = None) -> Namespace:
     """Parses as :func:`fit` does and stops, so that a study refuses a bad training config before any work.
+
+    Returns:
+        The parsed config (``config.data.split_csv``, ``config.trainer.max_epochs``, ...).
 
     Raises:
         jsonargparse.ArgumentError: unknown key (naming its config file) or bad value.
     """
-    _cli(_ParseOnlyCLI, args, values)
+    return _cli(_ParseOnlyCLI, args, values).config
 
 
 def fit(args: list[str], values: Mapping[str, Any] | None = None) -> FitResult:
     """Trains as ``pathology train ARGS`` does, then tests the best checkpoint on the test split.
+
+    With ``data.val_fold`` None there is no validation: the last epoch's checkpoint is the result.
 
     Args:
         args: ``pathology train`` arguments (``--config FILE``, ``--trainer.max_epochs 3``, ...).
@@ -201,10 +217,12 @@ def fit(args: list[str], values: Mapping[str, Any] | None = None) -> FitResult:
     """
     cli = _cli(TrainCLI, args, values)
     trainer, datamodule = cli.trainer, cli.datamodule
+    if datamodule.val_fold is None:
+        _keep_last_epoch(trainer)
     trainer.fit(cli.model, datamodule=datamodule, ckpt_path=cli.config.get("ckpt_path"))
     best = _best_checkpoint(trainer)
     metrics = {k: float(v) for k, v in trainer.callback_metrics.items()}
     if len(datamodule.tables.get("test", ())):
         for results in trainer.test(cli.model, datamodule=datamodule, ckpt_path=str(best), verbose=False):
             metrics |= {k: float(v) for k, v in results.items()}
-    return FitResult(best, metrics)
+    return FitResult(best, metrics, datamodule.tables)

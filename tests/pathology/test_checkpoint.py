@@ -10,8 +10,15 @@ from pathlib import Path
 import pytest
 import torch
 
-from pathology.checkpoint import CheckpointError, ModelSpec, load_inference_model, save_checkpoint
+from pathology.checkpoint import (
+    CheckpointError,
+    ModelSpec,
+    load_inference_model,
+    save_checkpoint,
+    save_ensemble_checkpoint,
+)
 from pathology.models import create_model
+from pathology.models.ensemble import Ensemble
 from pathology.models.mhsa import MhsaBlocks
 from wsi_tiling import Resolution
 
@@ -114,3 +121,43 @@ def test_checkpoint_without_act_layer_loads_as_gelu_with_a_warning(
         _, spec = load_inference_model(path)
     assert spec.act_layer == "gelu"
     assert "act_layer" in caplog.text
+
+
+def test_an_ensemble_checkpoint_loads_as_one_model_of_its_members(tmp_path: Path) -> None:
+    """Two checkpoints become one file with keys model.members.<i>.<timm key>; loading it gives the mean."""
+    spec = replace(SPEC, model_name="efficientformer_tiny", mhsa_blocks={32: 1})
+    paths, members = [], []
+    for seed in range(2):
+        torch.manual_seed(seed)
+        member = create_model(spec.model_name, mhsa_blocks=spec.mhsa_blocks, num_classes=spec.num_classes,
+                              img_size=spec.img_size, layer_scale_init_value=1.0).eval()
+        paths.append(save_checkpoint(tmp_path / f"m{seed}.ckpt", member, spec))
+        members.append(member)
+    path = save_ensemble_checkpoint(tmp_path / "ensemble.ckpt", paths)
+    stored = torch.load(path, weights_only=True)
+    assert stored["pathology_spec"]["ensemble_size"] == 2
+    assert "model.members.1.head.weight" in stored["state_dict"]
+    model, loaded_spec = load_inference_model(path)
+    assert loaded_spec == replace(spec, ensemble_size=2)
+    images = torch.randn(3, 3, spec.img_size, spec.img_size)
+    with torch.no_grad():
+        expected = (members[0](images).softmax(1) + members[1](images).softmax(1)) / 2
+        torch.testing.assert_close(model(images).softmax(1), expected, atol=1e-6, rtol=0)
+
+
+def test_members_with_other_specs_are_not_ensembled(saved: tuple[Path, torch.nn.Module], tmp_path: Path) -> None:
+    path, model = saved
+    other = save_checkpoint(tmp_path / "other.ckpt", model, replace(SPEC, class_names=("a", "b")))
+    with pytest.raises(CheckpointError, match=r"ensemble\.ckpt: the members .* differ in their specs"):
+        save_ensemble_checkpoint(tmp_path / "ensemble.ckpt", [path, other])
+    assert not (tmp_path / "ensemble.ckpt").exists()
+
+
+def test_checkpoint_without_ensemble_size_holds_one_model(saved: tuple[Path, torch.nn.Module],
+                                                          tmp_path: Path) -> None:
+    ckpt = torch.load(saved[0], weights_only=True)
+    del ckpt["pathology_spec"]["ensemble_size"]  # as written before ensembles
+    path = tmp_path / "old.ckpt"
+    torch.save(ckpt, path)
+    model, spec = load_inference_model(path)
+    assert spec.ensemble_size == 1 and not isinstance(model, Ensemble)

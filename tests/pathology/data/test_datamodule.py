@@ -81,3 +81,16 @@ def test_dataset_pickles_and_loads_in_a_spawned_worker(tmp_path: Path) -> None:
     # neg tiles are 200/255 grey, pos tiles 40/255: the label decides the pixel value.
     expected = torch.where(labels == 1, 40 / 255, 200 / 255)
     torch.testing.assert_close(images.mean(dim=(1, 2, 3)), expected.float(), atol=1e-4, rtol=0)
+
+
+def test_no_validation_fold_trains_on_every_non_test_patient(tmp_path: Path) -> None:
+    """``val_fold=None`` (the final fit after cross-validation): folds 0 … k-1 all train, nothing validates."""
+    root, split_csv = _folder(tmp_path / "tiles"), tmp_path / "splits.csv"
+    _module(root, split_csv, test_fraction=0.2, n_folds=4).setup("fit")  # makes the split file
+    folds = pd.read_csv(split_csv, dtype={"patient_id": str}).set_index("patient_id")["fold"]
+    dm = _module(root, split_csv, n_folds=4, val_fold=None)
+    dm.setup("fit")
+    assert set(dm.tables["train"]["patient_id"]) == set(folds[folds >= 0].index)
+    assert set(dm.tables["test"]["patient_id"]) == set(folds[folds == -1].index)
+    assert dm.tables["val"].empty and dm.val_dataloader() == []
+    assert len(dm.tables["train"]) == 10 * len(folds[folds >= 0])  # 8 + 2 tiles per patient
