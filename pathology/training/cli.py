@@ -21,7 +21,7 @@ from pathology.training.module import NonFiniteLossError
 
 __all__ = ["main"]
 
-HEADLINE_METRICS = {"balanced_accuracy", "f1", "auroc", "loss"}
+HEADLINE_METRICS = {"balanced_accuracy", "f1", "auroc", "loss", "decision_threshold"}
 
 
 def main(argv: list[str]) -> int:

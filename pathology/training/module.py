@@ -7,6 +7,7 @@ so inference reads it with ``torch.load(weights_only=True)``.
 from __future__ import annotations
 
 import math
+from typing import Literal
 
 import lightning as L
 import numpy as np
@@ -17,12 +18,14 @@ from torch import nn
 from pathology.checkpoint import SPEC_KEY, ModelSpec
 from pathology.models import create_model
 from pathology.models.mhsa import MhsaBlocks
+from pathology.models.tta import tta_probabilities
 from pathology.training.metrics import classification_metrics
 from wsi_tiling import Resolution
 
 __all__ = ["TileClassifier", "NonFiniteLossError", "warmup_cosine"]
 
 HEAD_PREFIX = "head"  # timm names the classifier heads head / head_dist
+PROB_FLOOR = 1e-12  # keeps log(probability) finite in the loss of TTA-averaged probabilities
 
 
 class NonFiniteLossError(FloatingPointError):
@@ -59,6 +62,8 @@ class TileClassifier(L.LightningModule):
         label_smoothing: float = 0.0,
         class_weights: list[float] | None = None,
         balanced_loss: bool = False,
+        tta: bool = False,
+        decision_rule: Literal["argmax", "youden"] = "argmax",
     ) -> None:
         """Args:
             class_names: class names in logit order (linked from the data).
@@ -81,7 +86,20 @@ class TileClassifier(L.LightningModule):
             label_smoothing: cross-entropy label smoothing.
             class_weights: per-class loss weights; None for equal weights.
             balanced_loss: weight the loss by inverse class frequency of the training split instead.
+            tta: validate and test on the softmax averaged over the 8 dihedral views of each tile
+                (:mod:`pathology.models.tta`; 8 times the evaluation compute); recorded in the
+                checkpoint, so ``predict-tiles`` and ``infer`` predict the same way by default.
+            decision_rule: two classes only: ``argmax``, or ``youden``: after training, the best
+                checkpoint predicts the validation patients and the threshold on class 1's
+                probability maximising sensitivity + specificity − 1 there is stored in it
+                (``ModelSpec.decision_threshold``) and used for the test metrics (see
+                :func:`pathology.training.fit.fit`).
+
+        Raises:
+            ValueError: ``decision_rule`` other than argmax for other than two classes.
         """
+        if decision_rule != "argmax" and len(class_names) != 2:
+            raise ValueError(f"model.decision_rule {decision_rule!r} needs two classes, not {class_names}")
         super().__init__()
         blocks = None if mhsa_blocks is None else MhsaBlocks.parse(mhsa_blocks)
         mhsa_blocks = None if blocks is None else str(blocks)  # hparams hold plain types: weights_only loads them
@@ -96,6 +114,8 @@ class TileClassifier(L.LightningModule):
         self._outputs: list[tuple[torch.Tensor, torch.Tensor]] = []
         self.tile_mpp: float | None = None  # delivered µm/px of the training tiles (from the data, in setup)
         self.tile_mpp_spread: float | None = None
+        self.decision_threshold: float | None = None  # chosen on validation after fitting; used by test metrics
+        self.last_predictions: tuple[np.ndarray, np.ndarray] | None = None  # (labels, probs) of the last eval epoch
 
     @property
     def normalization(self) -> tuple[tuple[float, ...], tuple[float, ...]]:
@@ -110,7 +130,8 @@ class TileClassifier(L.LightningModule):
         mean, std = self.normalization
         return ModelSpec(hp.model_name, self.model.mhsa_blocks, tuple(hp.class_names), hp.img_size,
                          hp.tile_size, self.resolution, mean, std, tile_mpp=self.tile_mpp,
-                         tile_mpp_spread=self.tile_mpp_spread, act_layer=hp.act_layer)
+                         tile_mpp_spread=self.tile_mpp_spread, act_layer=hp.act_layer, tta=hp.tta,
+                         decision_threshold=self.decision_threshold)
 
     def setup(self, stage: str) -> None:
         """Records the delivered µm/px of the data's tile stores (when it knows them) and sets
@@ -139,10 +160,17 @@ class TileClassifier(L.LightningModule):
         return loss
 
     def _eval_step(self, batch: tuple[torch.Tensor, torch.Tensor], stage: str) -> None:
+        """Logs the loss and keeps the probabilities; with ``tta`` both are of the view-averaged
+        softmax (the loss of ``log p`` as logits is the loss of the averaged distribution ``p``)."""
         images, labels = batch
-        logits = self(images)
+        if self.hparams.tta:
+            probs = tta_probabilities(self, images)
+            logits = probs.clamp_min(PROB_FLOOR).log()
+        else:
+            logits = self(images)
+            probs = logits.float().softmax(dim=1)
         self.log(f"{stage}/loss", self._loss(logits, labels), on_epoch=True, sync_dist=True, batch_size=len(labels))
-        self._outputs.append((logits.softmax(dim=1).detach(), labels.detach()))
+        self._outputs.append((probs.detach(), labels.detach()))
 
     def validation_step(self, batch: tuple[torch.Tensor, torch.Tensor], batch_idx: int) -> None:
         self._eval_step(batch, "val")
@@ -151,7 +179,11 @@ class TileClassifier(L.LightningModule):
         self._eval_step(batch, "test")
 
     def _log_epoch_metrics(self, stage: str) -> None:
-        """Gathers every process's predictions and logs scikit-learn metrics of the whole epoch."""
+        """Gathers every process's predictions and logs scikit-learn metrics of the whole epoch.
+
+        Validation metrics are of argmax; test metrics are at the stored decision threshold when
+        there is one. The predictions stay in :attr:`last_predictions`.
+        """
         if not self._outputs:
             return
         probs = torch.cat([p for p, _ in self._outputs])
@@ -160,7 +192,9 @@ class TileClassifier(L.LightningModule):
         if self.trainer.world_size > 1:
             probs = self.all_gather(probs).reshape(-1, probs.shape[1])
             labels = self.all_gather(labels).reshape(-1)
-        metrics = classification_metrics(labels.cpu().numpy(), probs.float().cpu().numpy())
+        self.last_predictions = (labels.cpu().numpy(), probs.float().cpu().numpy())
+        threshold = self.decision_threshold if stage == "test" else None
+        metrics = classification_metrics(*self.last_predictions, threshold=threshold)
         self.log_dict({f"{stage}/{k}": v for k, v in metrics.items()}, sync_dist=True)
 
     def on_validation_epoch_end(self) -> None:
@@ -202,6 +236,7 @@ class TileClassifier(L.LightningModule):
         checkpoint[SPEC_KEY] = self.spec.to_dict()
 
     def on_load_checkpoint(self, checkpoint: dict) -> None:
-        """Restores the training tiles' µm/px, which is data, not a hyper-parameter."""
+        """Restores the training tiles' µm/px and the decision threshold, which are data, not hyper-parameters."""
         spec = checkpoint.get(SPEC_KEY, {})
         self.tile_mpp, self.tile_mpp_spread = spec.get("tile_mpp"), spec.get("tile_mpp_spread")
+        self.decision_threshold = spec.get("decision_threshold")
