@@ -50,7 +50,8 @@ def test_every_output_is_averaged() -> None:
     x = torch.arange(8.0).reshape(2, 1, 2, 2)
     means = mean_over_views(lambda v: (v.flatten(1), v.sum(dim=(1, 2, 3))), x)
     torch.testing.assert_close(means[1], torch.tensor([6.0, 22.0]))  # views keep the sum
-    torch.testing.assert_close(means[0], x.flatten(1).mean(dim=1, keepdim=True).expand(2, 4))  # every pixel visits every place
+    # every pixel visits every place (twice): each place holds the mean of the tile
+    torch.testing.assert_close(means[0], x.flatten(1).mean(dim=1, keepdim=True).expand(2, 4))
 
 
 def test_non_square_tiles_are_refused() -> None:
