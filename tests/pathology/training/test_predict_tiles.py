@@ -130,3 +130,15 @@ def test_tta_flag_and_the_spec_default(tiny_checkpoint, tile_folder, tmp_path) -
     np.testing.assert_allclose(_predict(checkpoint, tile_folder, tmp_path / "d.csv")[columns], tta, atol=1e-6)
     np.testing.assert_allclose(_predict(checkpoint, tile_folder, tmp_path / "n.csv", "--no-tta")[columns], plain,
                                atol=1e-6)
+
+
+def test_a_threshold_for_three_classes_is_one_line_naming_the_checkpoint(tile_folder, tmp_path, capsys) -> None:
+    spec = ModelSpec("efficientformer_tiny", {32: 1}, ("a", "b", "c"), img_size=32, tile_size=32,
+                     resolution=Resolution(1.0, "mpp"))
+    model = create_model(spec.model_name, mhsa_blocks=spec.mhsa_blocks, num_classes=3, img_size=32)
+    checkpoint = save_checkpoint(tmp_path / "three.ckpt", model, spec)
+    assert main(["--checkpoint", str(checkpoint), "--tiles", str(tile_folder), "--out", str(tmp_path / "p.csv"),
+                 "--threshold", "0.5"]) == 1
+    message = capsys.readouterr().err.strip()
+    assert len(message.splitlines()) == 1 and "three.ckpt" in message and "two-class" in message
+    assert not (tmp_path / "p.csv").exists()
