@@ -144,6 +144,10 @@ class TileClassifier(L.LightningModule):
             counts = np.maximum(datamodule.class_counts("train"), 1).astype(np.float32)
             self.loss_weights = torch.from_numpy(counts.sum() / (len(counts) * counts)).to(self.device)
 
+    def on_fit_start(self) -> None:
+        """Forgets a decision threshold restored from a resumed checkpoint: it was chosen for other weights."""
+        self.decision_threshold = None
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.model(x)
 

@@ -13,7 +13,7 @@ from lightning.pytorch.callbacks import ModelCheckpoint
 from tests.conftest import SCANNER_TILE_PX, STRIPES_PERIOD_UM, write_tiff
 from torch.utils.data import DataLoader, TensorDataset
 
-from pathology.checkpoint import SPEC_KEY, ModelSpec, load_checkpoint, save_checkpoint
+from pathology.checkpoint import SPEC_KEY, ModelSpec, load_checkpoint, rewrite_spec, save_checkpoint
 from pathology.data import H5Source, TileDataModule, TilingMismatchError
 from pathology.training import NonFiniteLossError, TileClassifier, TimeBudget, classification_metrics, warmup_cosine
 from wsi_tiling import Resolution, read_store_info, tile_slide
@@ -194,3 +194,20 @@ def test_tta_validation_scores_the_mean_of_the_eight_views(tmp_path: Path) -> No
 def test_a_decision_rule_needs_two_classes() -> None:
     with pytest.raises(ValueError, match="decision_rule 'youden' needs two classes"):
         TileClassifier(["a", "b", "c"], tile_size=IMG_PX, resolution="10x", img_size=IMG_PX, decision_rule="youden")
+
+
+def test_resumed_training_drops_the_threshold_chosen_for_the_old_weights(tmp_path: Path) -> None:
+    images = torch.rand(4, 3, IMG_PX, IMG_PX)
+    loader = DataLoader(TensorDataset(images, torch.tensor([0, 1, 0, 1])), batch_size=2)
+
+    def trainer(epochs: int) -> L.Trainer:
+        return L.Trainer(accelerator="cpu", max_epochs=epochs, logger=False, enable_progress_bar=False,
+                         enable_model_summary=False, default_root_dir=tmp_path,
+                         callbacks=[ModelCheckpoint(dirpath=tmp_path, save_last=True)])
+
+    trainer(1).fit(_classifier(model_name="efficientformer_tiny"), train_dataloaders=loader)
+    rewrite_spec(tmp_path / "last.ckpt", decision_threshold=0.3)
+    resumed = tmp_path / "resumed.ckpt"
+    resumed.write_bytes((tmp_path / "last.ckpt").read_bytes())
+    trainer(2).fit(_classifier(model_name="efficientformer_tiny"), train_dataloaders=loader, ckpt_path=resumed)
+    assert load_checkpoint(tmp_path / "last.ckpt")[1].decision_threshold is None
