@@ -113,6 +113,7 @@ def main() -> None:
     report = {
         "test": {k: result.metrics.get(f"test/{k}") for k in ("balanced_accuracy", "f1", "auroc", "accuracy")},
         "val": {k: result.metrics.get(f"val/{k}") for k in ("balanced_accuracy", "f1", "auroc")},
+        "decision_threshold": result.metrics.get("val/decision_threshold"),  # model.decision_rule: youden
         "paper": PAPER, "epochs_planned": epochs, "batches_per_epoch": batches,
         "minutes": (time.perf_counter() - started) / 60,
         "best_checkpoint": str(result.best_checkpoint), "config": str(args.config),

@@ -26,7 +26,7 @@ from wsi_tiling import Resolution
 
 __all__ = [
     "SPEC_KEY", "CheckpointError", "ModelSpec", "save_checkpoint", "save_ensemble_checkpoint", "load_checkpoint",
-    "load_inference_model",
+    "load_inference_model", "rewrite_spec",
 ]
 
 SPEC_KEY = "pathology_spec"
@@ -34,6 +34,8 @@ STATE_PREFIX = "model."
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 DEFAULT_ACT_LAYER = "gelu"  # what checkpoints written before act_layer was recorded used
+# fields added after checkpoints were first written, with what older checkpoints meant by their absence
+LATER_FIELDS = {"act_layer": DEFAULT_ACT_LAYER, "tta": False, "decision_threshold": None}
 
 log = logging.getLogger(__name__)
 
@@ -57,6 +59,10 @@ class ModelSpec:
         act_layer: the MLPs' activation, a timm name (``gelu``, ``relu``, ``hard_swish``, ...).
         ensemble_size: how many models of this architecture the checkpoint holds (1: a single model;
             more: an :class:`~pathology.models.ensemble.Ensemble` of them, e.g. the CV fold models).
+        tta: predict by averaging the softmax over the 8 dihedral views of each tile
+            (:mod:`pathology.models.tta`), as training evaluated the model.
+        decision_threshold: two classes only: a tile is class 1 when its class-1 probability is at
+            least this (chosen on the validation patients); None: argmax.
     """
 
     model_name: str
@@ -71,9 +77,14 @@ class ModelSpec:
     tile_mpp_spread: float | None = None
     act_layer: str = DEFAULT_ACT_LAYER
     ensemble_size: int = 1
+    tta: bool = False
+    decision_threshold: float | None = None
 
     def __post_init__(self) -> None:
+        """Raises ValueError: a decision threshold for other than two classes."""
         object.__setattr__(self, "mhsa_blocks", MhsaBlocks.parse(self.mhsa_blocks))  # a plain dict is accepted
+        if self.decision_threshold is not None and self.num_classes != 2:
+            raise ValueError(f"a decision threshold needs two classes, not {list(self.class_names)}")
 
     @property
     def num_classes(self) -> int:
@@ -91,9 +102,9 @@ class ModelSpec:
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> ModelSpec:
         """The spec from :meth:`to_dict`'s plain types; fields older checkpoints lack get defaults."""
-        if "act_layer" not in data:
-            log.warning("checkpoint spec has no act_layer (written before it was recorded); using %r",
-                        DEFAULT_ACT_LAYER)
+        for name in LATER_FIELDS.keys() - data.keys():
+            log.warning("checkpoint spec has no %s (written before it was recorded); using %r",
+                        name, LATER_FIELDS[name])
         return cls(
             model_name=data["model_name"],
             mhsa_blocks=MhsaBlocks.parse(data["mhsa_blocks"]),  # int keys; str keys in JSON copies
@@ -107,6 +118,8 @@ class ModelSpec:
             tile_mpp_spread=_optional_float(data.get("tile_mpp_spread")),
             act_layer=data.get("act_layer", DEFAULT_ACT_LAYER),
             ensemble_size=int(data.get("ensemble_size", 1)),  # older checkpoints hold one model
+            tta=bool(data.get("tta", False)),
+            decision_threshold=_optional_float(data.get("decision_threshold")),
         )
 
 
@@ -125,6 +138,37 @@ def save_checkpoint(path: str | Path, model: nn.Module, spec: ModelSpec) -> Path
     return Path(path)
 
 
+def rewrite_spec(path: str | Path, **changes: Any) -> ModelSpec:
+    """Changes fields of a checkpoint's spec in place, atomically; weights and everything else
+    in the file (a Lightning checkpoint's optimiser state, hyper-parameters) are kept.
+
+    Args:
+        path: a checkpoint of this project.
+        changes: :class:`ModelSpec` fields and their new values, e.g. ``decision_threshold=0.4``.
+
+    Returns:
+        The spec now in the file.
+
+    Raises:
+        CheckpointError: not a readable checkpoint of this project.
+        TypeError: a name that is not a ModelSpec field.
+    """
+    ckpt = _read_checkpoint(Path(path))
+    spec = replace(ModelSpec.from_dict(ckpt[SPEC_KEY]), **changes)
+    ckpt[SPEC_KEY] = spec.to_dict()
+    with atomic_path(path) as tmp:
+        torch.save(ckpt, tmp)
+    return spec
+
+
+def _read_checkpoint(path: Path) -> dict[str, Any]:
+    """The checkpoint's dict, refused unless it holds a spec and a state_dict."""
+    ckpt = read_torch_file(path, "checkpoint")
+    if not isinstance(ckpt, dict) or SPEC_KEY not in ckpt or "state_dict" not in ckpt:
+        raise CheckpointError(f"{path}: not a pathology tile-classifier checkpoint (no '{SPEC_KEY}')")
+    return ckpt
+
+
 def load_checkpoint(path: str | Path) -> tuple[dict[str, torch.Tensor], ModelSpec]:
     """Reads a checkpoint safely (never unpickles code) and returns (model state_dict, spec).
 
@@ -132,9 +176,7 @@ def load_checkpoint(path: str | Path) -> tuple[dict[str, torch.Tensor], ModelSpe
         CheckpointError: missing, truncated, unsafe or not written by this project.
     """
     path = Path(path)
-    ckpt = read_torch_file(path, "checkpoint")
-    if not isinstance(ckpt, dict) or SPEC_KEY not in ckpt or "state_dict" not in ckpt:
-        raise CheckpointError(f"{path}: not a pathology tile-classifier checkpoint (no '{SPEC_KEY}')")
+    ckpt = _read_checkpoint(path)
     state = {k[len(STATE_PREFIX):]: v for k, v in ckpt["state_dict"].items() if k.startswith(STATE_PREFIX)}
     if "tile_mpp" not in ckpt[SPEC_KEY]:
         log.warning("%s: written before checkpoints recorded the training tiles' µm/px; inference can only "

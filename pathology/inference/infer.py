@@ -41,6 +41,7 @@ from pathology.inference.predict import (
     Predictor,
     RunOptions,
     add_backend_option,
+    add_tta_option,
     make_predictor,
     start_devices,
 )
@@ -116,11 +117,11 @@ def _load_calibration(calibration: str | Path | None, checkpoint: Path, spec: Mo
 
 
 def _settings(aggregations: Sequence[Aggregation], calibration: Calibration | None, tiling: dict[str, Any],
-              extras: Extras, precision: str) -> dict[str, Any]:
+              extras: Extras, precision: str, tta: bool) -> dict[str, Any]:
     """The run settings that change a slide's numbers or files (hashed into the run key)."""
     return {"aggregations": [str(a) for a in aggregations], "extras": asdict(extras),
             "calibration": None if calibration is None else asdict(calibration), "precision": precision,
-            **{k: v for k, v in tiling.items() if k != "tiles_dir"}}
+            "tta": tta, **{k: v for k, v in tiling.items() if k != "tiles_dir"}}
 
 
 def _write_slide(slide: TiledSlide, probs: np.ndarray, embeddings: np.ndarray | None, setup: _Setup,
@@ -208,7 +209,7 @@ def _summary(checkpoint: Path, checkpoint_hash: str, setup: _Setup, table: pd.Da
         "checkpoint": str(checkpoint), "checkpoint_hash": checkpoint_hash, "model_name": spec.model_name,
         "mhsa_blocks": spec.mhsa_blocks, "class_names": list(spec.class_names), "resolution": str(spec.resolution),
         "tile_mpp": spec.tile_mpp, "match": setup.match, "tile_size": spec.tile_size, "img_size": spec.img_size,
-        "backend": setup.predictor.runner.backend,
+        "backend": setup.predictor.runner.backend, "tta": setup.predictor.tta,
         "aggregations": [str(a) for a in aggregations],
         "label_aggregation": str(aggregations[0]) if calibration is None else CALIBRATED,
         "calibration": None if calibration is None else asdict(calibration),
@@ -224,7 +225,8 @@ def infer_slides(checkpoint: str | Path, slides: Sequence[str | Path], out_dir: 
                  aggregations: Sequence[str] = DEFAULT_AGGREGATIONS, tiles_dir: str | Path | None = None,
                  min_tissue: float = 0.5, slide_mpp: float | None = None, match: str = "physical",
                  allow_upsample: bool = False, calibration: str | Path | None = "auto", run: RunOptions = RunOptions(),
-                 extras: Extras = Extras(), shard_spec: tuple[int, int] | None = None) -> pd.DataFrame | None:
+                 extras: Extras = Extras(), shard_spec: tuple[int, int] | None = None,
+                 tta: bool | None = None) -> pd.DataFrame | None:
     """Predicts slides with a trained tile classifier, one at a time, and writes the run folder.
 
     Rerunning into the same ``out_dir`` skips the slides already finished with the same
@@ -251,6 +253,8 @@ def infer_slides(checkpoint: str | Path, slides: Sequence[str | Path], out_dir: 
         extras: features, heatmaps, GeoJSON, galleries.
         shard_spec: (I, N): predict only shard I of N of the slides (every N-th in slide-id
             order); the tables are then ``slides_shard<I>of<N>.csv`` and ``summary_shard<I>of<N>.json``.
+        tta: average tile probabilities (and embeddings) over the 8 dihedral views of each tile;
+            None: as the checkpoint's spec says (``ModelSpec.tta``).
 
     Returns:
         One row per slide, as written to ``slides.csv``; None on DDP ranks other than 0.
@@ -273,11 +277,12 @@ def infer_slides(checkpoint: str | Path, slides: Sequence[str | Path], out_dir: 
         jobs = shard(jobs, *shard_spec)
     tiling = {"tiles_dir": Path(tiles_dir) if tiles_dir else out_dir / "tiles", "min_tissue": min_tissue,
               "match": used, "allow_upsample": allow_upsample}
-    settings = _settings(methods, loaded, tiling, extras, run.precision)
+    tta = spec.tta if tta is None else tta
+    settings = _settings(methods, loaded, tiling, extras, run.precision, tta)
     keys = {job.slide_id: run_key(checkpoint_hash, settings, job.slide_path, job.mpp) for job in jobs}
     fabric = start_devices(run)
     setup = _Setup(out_dir, spec, used, tuple(methods), loaded, extras,
-                   make_predictor(model, fabric, extras.embeddings, run.backend, checkpoint.parent))
+                   make_predictor(model, fabric, extras.embeddings, run.backend, checkpoint.parent, tta))
     share = jobs[fabric.global_rank::fabric.world_size]
     try:
         n_tiles = _predict_share(share, keys, setup, tiling, run, run.progress_bar and fabric.global_rank == 0)
@@ -326,6 +331,7 @@ def _parser() -> argparse.ArgumentParser:
     run.add_argument("--strategy", default=RunOptions.strategy, help="e.g. ddp")
     run.add_argument("--precision", default=RunOptions.precision, help="e.g. bf16-mixed on GPUs")
     add_backend_option(run)
+    add_tta_option(run)
     run.add_argument("--shard", type=parse_shard, metavar="I/N",
                      help="predict only shard I of N (0 <= I < N) of the slides, e.g. for job arrays")
     run.add_argument("-v", "--verbose", action="store_true", help="a log line per slide")
@@ -358,7 +364,7 @@ def main(argv: list[str]) -> int:
         table = infer_slides(args.checkpoint, args.slides, args.out, aggregations=aggregations,
                              tiles_dir=args.tiles_dir, min_tissue=args.min_tissue, slide_mpp=args.slide_mpp,
                              match=args.match, allow_upsample=args.allow_upsample, calibration=calibration,
-                             run=run, extras=extras, shard_spec=args.shard)
+                             run=run, extras=extras, shard_spec=args.shard, tta=args.tta)
     except (CheckpointError, ValueError, *RUNNER_ERRORS) as error:
         print(f"pathology infer: {error}", file=sys.stderr)
         return 1

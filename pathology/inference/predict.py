@@ -4,7 +4,8 @@
 streamed one at a time) both go through a :class:`Predictor`: the model in its fastest form on
 this process's device (:func:`~pathology.models.optimize_for_inference`: ONNX Runtime on a CPU
 by default, the fused torch model on a GPU; ``--backend`` forces one), called under the run's
-precision.
+precision, and with TTA on the 8 dihedral views of each batch (:mod:`pathology.models.tta`),
+whatever the backend.
 Devices come from Lightning Fabric, which launches one process per device for DDP and gives
 each its rank; no Trainer, so no banners and no inner progress bars. :meth:`Predictor.predict`
 is the only place the model is called.
@@ -30,9 +31,10 @@ from tqdm import tqdm
 
 from pathology.models.export import ExportError
 from pathology.models.runtime import BACKENDS, BackendUnavailable, InferenceRunner, optimize_for_inference
+from pathology.models.tta import mean_over_views
 
-__all__ = ["RunOptions", "TilePredictions", "Predictor", "RUNNER_ERRORS", "add_backend_option", "start_devices",
-           "make_predictor", "batches", "predict_tiles"]
+__all__ = ["RunOptions", "TilePredictions", "Predictor", "RUNNER_ERRORS", "add_backend_option", "add_tta_option",
+           "start_devices", "make_predictor", "batches", "predict_tiles"]
 
 log = logging.getLogger(__name__)
 
@@ -96,11 +98,14 @@ class Predictor:
         runner: the classifier in its fastest form (:func:`~pathology.models.optimize_for_inference`).
         autocast: the precision context (Fabric's), entered around every forward pass.
         embeddings: also return the pooled features.
+        tta: average the softmax probabilities (and the features) over the 8 dihedral views of
+            each tile; the runner sees one view at a time, so 8 passes of the batch size.
     """
 
     runner: InferenceRunner
     autocast: Callable[[], contextlib.AbstractContextManager] = field(default=contextlib.nullcontext)
     embeddings: bool = False
+    tta: bool = False
 
     @torch.inference_mode()
     def predict(self, images: torch.Tensor) -> tuple[np.ndarray, np.ndarray | None]:
@@ -109,16 +114,31 @@ class Predictor:
         Args:
             images: (B, 3, H, W) normalised float tiles, on any device.
         """
+        if self.tta:
+            probs, pooled = mean_over_views(self._probs_and_embeddings, images.to(self.runner.device))
+        else:
+            probs, pooled = self._probs_and_embeddings(images)
+        return probs.cpu().numpy(), pooled.cpu().numpy() if self.embeddings else None
+
+    def _probs_and_embeddings(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(B, C) softmax probabilities and (B, D) features, float32, from one forward pass."""
         with self.autocast():
             logits, pooled = self.runner.logits_and_embeddings(images)
-        probs = logits.float().softmax(dim=1).cpu().numpy()
-        return probs, pooled.float().cpu().numpy() if self.embeddings else None
+        return logits.float().softmax(dim=1), pooled.float()
 
 
 def add_backend_option(parser: argparse.ArgumentParser | argparse._ArgumentGroup) -> None:
     """``--backend``, shared by ``pathology infer`` and ``pathology predict-tiles``."""
     parser.add_argument("--backend", choices=("auto", *BACKENDS), default=RunOptions.backend,
                         help="what runs the model (auto: ONNX Runtime on a CPU, torch on a GPU)")
+
+
+def add_tta_option(parser: argparse.ArgumentParser | argparse._ArgumentGroup) -> None:
+    """``--tta`` / ``--no-tta`` (None when neither is given: the checkpoint's spec decides), shared by
+    ``pathology infer`` and ``pathology predict-tiles``."""
+    parser.add_argument("--tta", action=argparse.BooleanOptionalAction, default=None,
+                        help="average the softmax over the 8 dihedral views of each tile (8x the compute); "
+                             "default: as the checkpoint's spec says (its training evaluated with TTA or not)")
 
 
 def start_devices(options: RunOptions) -> Fabric:
@@ -134,7 +154,7 @@ def start_devices(options: RunOptions) -> Fabric:
 
 
 def make_predictor(model: nn.Module, fabric: Fabric, embeddings: bool = False, backend: str = "auto",
-                   cache_dir: Path | None = None) -> Predictor:
+                   cache_dir: Path | None = None, tta: bool = False) -> Predictor:
     """The model in its fastest form on ``fabric``'s device, with its precision.
 
     Args:
@@ -144,6 +164,7 @@ def make_predictor(model: nn.Module, fabric: Fabric, embeddings: bool = False, b
         backend: see :attr:`RunOptions.backend`.
         cache_dir: where an exported graph is kept (the checkpoint's folder); None, or a folder
             this process cannot write: the user cache.
+        tta: average over the 8 dihedral views of each tile (see :class:`Predictor`).
 
     Raises:
         BackendUnavailable: a forced backend whose package is not installed.
@@ -152,7 +173,7 @@ def make_predictor(model: nn.Module, fabric: Fabric, embeddings: bool = False, b
     writable = cache_dir is not None and os.access(cache_dir, os.W_OK)
     runner = optimize_for_inference(model.to(fabric.device).eval(), backend=backend,
                                     cache_dir=cache_dir if writable else None, autocast=False)
-    return Predictor(runner, fabric.autocast, embeddings)
+    return Predictor(runner, fabric.autocast, embeddings, tta)
 
 
 def batches(dataset: Dataset, batch_size: int, num_workers: int) -> Iterator[torch.Tensor]:

@@ -4,7 +4,7 @@ A slide's record, ``records/<slide_id>.json``, is written (atomically) after eve
 the slide, so its presence means the slide finished. It holds the slide's row of ``slides.csv``,
 the files it wrote and the run key: a hash of the checkpoint (weights and spec) and of every
 setting that changes a number or a file (aggregations, calibration, tissue threshold, µm/px
-override, match mode and upsampling, extra outputs, precision) and of the slide file (name and
+override, match mode and upsampling, extra outputs, precision, TTA) and of the slide file (name and
 size). A rerun skips a slide whose record has the same key, status ``ok`` or ``no-tissue`` and
 all its files present, and redoes every other slide; ``slides.csv`` and ``summary.json`` are
 assembled from the records.

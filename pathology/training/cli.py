@@ -5,8 +5,10 @@
 :class:`~pathology.data.TileDataModule` (``data:``) and the Lightning ``trainer:``; a key that does
 not exist fails at parse time, naming the config file and the closest valid key. ``--print_config``
 shows the resolved config, ``--ckpt_path`` resumes, and every run saves its resolved ``config.yaml``
-next to its logs. After fitting, the best checkpoint is evaluated on the held-out test patients (when
-the split has any). The work is :func:`pathology.training.fit.fit`; this module only reports.
+next to its logs. After fitting, with ``model.decision_rule: youden``, a decision threshold is chosen on
+the validation patients and stored in the best checkpoint; then that checkpoint is evaluated on the
+held-out test patients (when the split has any). The work is :func:`pathology.training.fit.fit`;
+this module only reports.
 """
 from __future__ import annotations
 
@@ -21,7 +23,7 @@ from pathology.training.module import NonFiniteLossError
 
 __all__ = ["main"]
 
-HEADLINE_METRICS = {"balanced_accuracy", "f1", "auroc", "loss"}
+HEADLINE_METRICS = {"balanced_accuracy", "f1", "auroc", "loss", "decision_threshold"}
 
 
 def main(argv: list[str]) -> int:

@@ -28,12 +28,16 @@ from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
 from lightning.pytorch.loggers import CSVLogger, TensorBoardLogger
 
-from pathology.data import TileDataModule
+from pathology.checkpoint import rewrite_spec
+from pathology.data import TileDataError, TileDataModule
+from pathology.inference.calibrate import youden_threshold
+from pathology.inference.results import InferenceError
 from pathology.io import CheckpointError
 from pathology.models.mhsa import MhsaBlocks
+from pathology.training.metrics import POSITIVE_INDEX
 from pathology.training.module import TileClassifier
 
-__all__ = ["FitResult", "TrainCLI", "check_config", "fit"]
+__all__ = ["FitResult", "TrainCLI", "check_config", "choose_threshold", "fit"]
 
 # In YAML and on the command line ``model.mhsa_blocks`` is "16:2,32:1" or a mapping; configs save it as a string.
 register_type(MhsaBlocks, serializer=str, deserializer=MhsaBlocks.parse)
@@ -41,6 +45,8 @@ register_type(MhsaBlocks, serializer=str, deserializer=MhsaBlocks.parse)
 _UNKNOWN_KEY = (re.compile(r"Group '(?P<group>[\w.]+)' does not accept option '(?P<key>[\w.]+)'"),
                 re.compile(r"Option '(?P<key>[\w.]+)' is not accepted"))
 CONFIG_FLAG = "--config"
+THRESHOLD_KEY = "val/decision_threshold"
+MAX_THRESHOLD = 1.0  # roc_curve's first threshold is +inf ("nothing positive")
 
 
 @dataclass(frozen=True)
@@ -49,7 +55,8 @@ class FitResult:
 
     Attributes:
         best_checkpoint: the best checkpoint by the ModelCheckpoint monitor (else the last one).
-        metrics: final logged values, ``train/…``, ``val/…`` and (with a test split) ``test/…``.
+        metrics: final logged values, ``train/…``, ``val/…`` and (with a test split) ``test/…``;
+            with ``model.decision_rule: youden``, ``val/decision_threshold`` too.
         tables: the tile table of each split (``train``, ``val``, ``test``), as the data module made them.
     """
 
@@ -201,10 +208,36 @@ def check_config(args: list[str], values: Mapping[str, Any] | None = None) -> Na
     return _cli(_ParseOnlyCLI, args, values).config
 
 
+def choose_threshold(trainer: Trainer, model: TileClassifier, datamodule: TileDataModule, best: Path) -> float:
+    """The best checkpoint predicts the validation split (with its TTA setting); Youden's threshold on
+    class 1's probability there is written into the checkpoint's spec. Test patients play no part.
+
+    Raises:
+        TileDataError: no validation split, or one lacking tiles of one of the two classes.
+    """
+    model.last_predictions = None
+    trainer.validate(model, datamodule=datamodule, ckpt_path=str(best), verbose=False)
+    if model.last_predictions is None:
+        raise TileDataError(f"{best}: no decision threshold chosen (the checkpoint predicts by argmax): "
+                            "there are no validation tiles")
+    labels, probs = model.last_predictions
+    try:
+        threshold = min(youden_threshold(labels == POSITIVE_INDEX, probs[:, POSITIVE_INDEX]), MAX_THRESHOLD)
+    except InferenceError as err:
+        raise TileDataError(f"{best}: no decision threshold chosen (the checkpoint predicts by argmax): "
+                            f"the validation tiles must hold both classes ({err})") from err
+    if trainer.is_global_zero:
+        rewrite_spec(best, decision_threshold=threshold)
+    trainer.strategy.barrier()
+    return threshold
+
+
 def fit(args: list[str], values: Mapping[str, Any] | None = None) -> FitResult:
     """Trains as ``pathology train ARGS`` does, then tests the best checkpoint on the test split.
 
     With ``data.val_fold`` None there is no validation: the last epoch's checkpoint is the result.
+    With ``model.decision_rule: youden`` the decision threshold is first chosen on the validation
+    split (:func:`choose_threshold`), so the test metrics are at that threshold.
 
     Args:
         args: ``pathology train`` arguments (``--config FILE``, ``--trainer.max_epochs 3``, ...).
@@ -212,7 +245,8 @@ def fit(args: list[str], values: Mapping[str, Any] | None = None) -> FitResult:
 
     Raises:
         jsonargparse.ArgumentError: unknown key or bad value in the configs, arguments or values.
-        TileDataError: bad tiles, labels or splits; NonFiniteLossError: the loss diverged.
+        TileDataError: bad tiles, labels or splits (or a validation split of one class with
+            ``decision_rule: youden``); NonFiniteLossError: the loss diverged.
         CheckpointError: the run wrote no checkpoint.
     """
     cli = _cli(TrainCLI, args, values)
@@ -222,6 +256,8 @@ def fit(args: list[str], values: Mapping[str, Any] | None = None) -> FitResult:
     trainer.fit(cli.model, datamodule=datamodule, ckpt_path=cli.config.get("ckpt_path"))
     best = _best_checkpoint(trainer)
     metrics = {k: float(v) for k, v in trainer.callback_metrics.items()}
+    if cli.model.hparams.decision_rule == "youden":
+        metrics[THRESHOLD_KEY] = choose_threshold(trainer, cli.model, datamodule, best)
     if len(datamodule.tables.get("test", ())):
         for results in trainer.test(cli.model, datamodule=datamodule, ckpt_path=str(best), verbose=False):
             metrics |= {k: float(v) for k, v in results.items()}

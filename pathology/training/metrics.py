@@ -4,23 +4,48 @@ from __future__ import annotations
 import numpy as np
 from sklearn.metrics import balanced_accuracy_score, confusion_matrix, f1_score, roc_auc_score
 
-__all__ = ["classification_metrics"]
+from pathology.inference.calibrate import decide
+
+__all__ = ["POSITIVE_INDEX", "classification_metrics", "predicted_classes"]
+
+POSITIVE_INDEX = 1  # a binary classifier's decision threshold is on class 1's probability
 
 
-def classification_metrics(labels: np.ndarray, probs: np.ndarray) -> dict[str, float]:
-    """Balanced accuracy, F1, AUROC, accuracy and the confusion matrix of argmax predictions.
+def predicted_classes(probs: np.ndarray, threshold: float | None = None) -> np.ndarray:
+    """(N,) class indices: argmax, or for two classes class 1 iff its probability ≥ ``threshold``.
+
+    Args:
+        probs: (N, C) class probabilities.
+        threshold: on class 1's probability; None for argmax.
+
+    Raises:
+        ValueError: a threshold for other than two classes.
+    """
+    if threshold is None:
+        return probs.argmax(axis=1)
+    if probs.shape[1] != 2:
+        raise ValueError(f"a decision threshold needs two classes, got {probs.shape[1]}")
+    return decide(probs, POSITIVE_INDEX, threshold)
+
+
+def classification_metrics(labels: np.ndarray, probs: np.ndarray, threshold: float | None = None) -> dict[str, float]:
+    """Balanced accuracy, F1, AUROC, accuracy and the confusion matrix of the predicted classes.
 
     Args:
         labels: (N,) true class indices.
         probs: (N, C) class probabilities (rows sum to 1).
+        threshold: two classes: predict class 1 iff its probability ≥ ``threshold``; None: argmax.
 
     Returns:
         ``balanced_accuracy``, ``accuracy``, ``f1`` (of class 1 for two classes, macro otherwise),
         ``auroc`` (of class 1 for two classes, one-vs-rest macro otherwise; NaN when ``labels``
-        hold one class) and ``cm_<true>_<pred>`` tile counts.
+        hold one class; it does not depend on the threshold) and ``cm_<true>_<pred>`` tile counts.
+
+    Raises:
+        ValueError: a threshold for other than two classes.
     """
     n_classes = probs.shape[1]
-    preds = probs.argmax(axis=1)
+    preds = predicted_classes(probs, threshold)
     binary = n_classes == 2
     metrics = {
         "balanced_accuracy": float(balanced_accuracy_score(labels, preds)),

@@ -8,6 +8,7 @@ and the checkpoint's ``model.*`` weights are the EMA (:mod:`pathology.training.e
 from __future__ import annotations
 
 import math
+from typing import Literal
 
 import lightning as L
 import numpy as np
@@ -19,6 +20,7 @@ from torch import nn
 from pathology.checkpoint import SPEC_KEY, ModelSpec
 from pathology.models import create_model
 from pathology.models.mhsa import MhsaBlocks
+from pathology.models.tta import tta_probabilities
 from pathology.training.ema import create_ema, state_for_checkpoint, state_from_checkpoint
 from pathology.training.metrics import classification_metrics
 from pathology.training.mixup import create_mixup, mix, soft_cross_entropy
@@ -28,6 +30,7 @@ __all__ = ["TileClassifier", "NonFiniteLossError", "warmup_cosine"]
 
 HEAD_PREFIX = "head"  # timm names the classifier heads head / head_dist
 EMA_PREFIX = "ema.module."  # where the state_dict holds the EMA copy (attribute ema, timm's ModelEmaV3.module)
+PROB_FLOOR = 1e-12  # keeps log(probability) finite in the loss of TTA-averaged probabilities
 
 
 class NonFiniteLossError(FloatingPointError):
@@ -69,6 +72,8 @@ class TileClassifier(L.LightningModule):
         mixup_alpha: NonNegativeFloat = 0.0,
         cutmix_alpha: NonNegativeFloat = 0.0,
         mixup_prob: ClosedUnitInterval = 1.0,
+        tta: bool = False,
+        decision_rule: Literal["argmax", "youden"] = "argmax",
     ) -> None:
         """Args:
             class_names: class names in logit order (linked from the data).
@@ -98,7 +103,20 @@ class TileClassifier(L.LightningModule):
             cutmix_alpha: CutMix of training batches with kept area ~ Beta(alpha, alpha); 0 for none (with
                 both on, each batch gets one of them at even odds).
             mixup_prob: probability that a training batch is mixed when Mixup or CutMix is on.
+            tta: validate and test on the softmax averaged over the 8 dihedral views of each tile
+                (:mod:`pathology.models.tta`; 8 times the evaluation compute); recorded in the
+                checkpoint, so ``predict-tiles`` and ``infer`` predict the same way by default.
+            decision_rule: two classes only: ``argmax``, or ``youden``: after training, the best
+                checkpoint predicts the validation patients and the threshold on class 1's
+                probability maximising sensitivity + specificity − 1 there is stored in it
+                (``ModelSpec.decision_threshold``) and used for the test metrics (see
+                :func:`pathology.training.fit.fit`).
+
+        Raises:
+            ValueError: ``decision_rule`` other than argmax for other than two classes.
         """
+        if decision_rule != "argmax" and len(class_names) != 2:
+            raise ValueError(f"model.decision_rule {decision_rule!r} needs two classes, not {class_names}")
         super().__init__()
         blocks = None if mhsa_blocks is None else MhsaBlocks.parse(mhsa_blocks)
         mhsa_blocks = None if blocks is None else str(blocks)  # hparams hold plain types: weights_only loads them
@@ -118,6 +136,8 @@ class TileClassifier(L.LightningModule):
         self._outputs: list[tuple[torch.Tensor, torch.Tensor]] = []
         self.tile_mpp: float | None = None  # delivered µm/px of the training tiles (from the data, in setup)
         self.tile_mpp_spread: float | None = None
+        self.decision_threshold: float | None = None  # chosen on validation after fitting; used by test metrics
+        self.last_predictions: tuple[np.ndarray, np.ndarray] | None = None  # (labels, probs) of the last eval epoch
 
     @property
     def normalization(self) -> tuple[tuple[float, ...], tuple[float, ...]]:
@@ -132,7 +152,8 @@ class TileClassifier(L.LightningModule):
         mean, std = self.normalization
         return ModelSpec(hp.model_name, self.model.mhsa_blocks, tuple(hp.class_names), hp.img_size,
                          hp.tile_size, self.resolution, mean, std, tile_mpp=self.tile_mpp,
-                         tile_mpp_spread=self.tile_mpp_spread, act_layer=hp.act_layer)
+                         tile_mpp_spread=self.tile_mpp_spread, act_layer=hp.act_layer, tta=hp.tta,
+                         decision_threshold=self.decision_threshold)
 
     def setup(self, stage: str) -> None:
         """Records the delivered µm/px of the data's tile stores (when it knows them) and sets
@@ -149,6 +170,9 @@ class TileClassifier(L.LightningModule):
     def eval_model(self) -> nn.Module:
         """The weights validation, testing and the checkpoint's ``model.*`` hold: the EMA when kept."""
         return self.model if self.ema is None else self.ema.module
+    def on_fit_start(self) -> None:
+        """Forgets a decision threshold restored from a resumed checkpoint: it was chosen for other weights."""
+        self.decision_threshold = None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.model(x)
@@ -180,10 +204,17 @@ class TileClassifier(L.LightningModule):
             self._ema_step = self.global_step
 
     def _eval_step(self, batch: tuple[torch.Tensor, torch.Tensor], stage: str) -> None:
+        """Logs the loss and keeps the probabilities; with ``tta`` both are of the view-averaged
+        softmax (the loss of ``log p`` as logits is the loss of the averaged distribution ``p``)."""
         images, labels = batch
-        logits = self.eval_model(images)
+        if self.hparams.tta:
+            probs = tta_probabilities(self.eval_model, images)
+            logits = probs.clamp_min(PROB_FLOOR).log()
+        else:
+            logits = self.eval_model(images)
+            probs = logits.float().softmax(dim=1)
         self.log(f"{stage}/loss", self._loss(logits, labels), on_epoch=True, sync_dist=True, batch_size=len(labels))
-        self._outputs.append((logits.softmax(dim=1).detach(), labels.detach()))
+        self._outputs.append((probs.detach(), labels.detach()))
 
     def validation_step(self, batch: tuple[torch.Tensor, torch.Tensor], batch_idx: int) -> None:
         self._eval_step(batch, "val")
@@ -192,7 +223,11 @@ class TileClassifier(L.LightningModule):
         self._eval_step(batch, "test")
 
     def _log_epoch_metrics(self, stage: str) -> None:
-        """Gathers every process's predictions and logs scikit-learn metrics of the whole epoch."""
+        """Gathers every process's predictions and logs scikit-learn metrics of the whole epoch.
+
+        Validation metrics are of argmax; test metrics are at the stored decision threshold when
+        there is one. The predictions stay in :attr:`last_predictions`.
+        """
         if not self._outputs:
             return
         probs = torch.cat([p for p, _ in self._outputs])
@@ -201,7 +236,9 @@ class TileClassifier(L.LightningModule):
         if self.trainer.world_size > 1:
             probs = self.all_gather(probs).reshape(-1, probs.shape[1])
             labels = self.all_gather(labels).reshape(-1)
-        metrics = classification_metrics(labels.cpu().numpy(), probs.float().cpu().numpy())
+        self.last_predictions = (labels.cpu().numpy(), probs.float().cpu().numpy())
+        threshold = self.decision_threshold if stage == "test" else None
+        metrics = classification_metrics(*self.last_predictions, threshold=threshold)
         self.log_dict({f"{stage}/{k}": v for k, v in metrics.items()}, sync_dist=True)
 
     def on_validation_epoch_end(self) -> None:
@@ -246,9 +283,11 @@ class TileClassifier(L.LightningModule):
             checkpoint["state_dict"] = state_for_checkpoint(checkpoint["state_dict"], EMA_PREFIX)
 
     def on_load_checkpoint(self, checkpoint: dict) -> None:
-        """Restores the training tiles' µm/px, which is data, not a hyper-parameter, and puts the raw and
-        EMA weights where this module keeps them (Lightning loads the ``state_dict`` after this hook)."""
+        """Restores the training tiles' µm/px and the decision threshold, which are data, not
+        hyper-parameters, and puts the raw and EMA weights where this module keeps them (Lightning
+        loads the ``state_dict`` after this hook)."""
         spec = checkpoint.get(SPEC_KEY, {})
         self.tile_mpp, self.tile_mpp_spread = spec.get("tile_mpp"), spec.get("tile_mpp_spread")
+        self.decision_threshold = spec.get("decision_threshold")
         checkpoint["state_dict"] = state_from_checkpoint(checkpoint["state_dict"],
                                                        None if self.ema is None else EMA_PREFIX)

@@ -1,8 +1,11 @@
 """``pathology predict-tiles``: per-class probabilities for a folder or CSV of tile images.
 
-Preprocessing (input size, mean/std) comes from the checkpoint's spec, exactly as in training.
-Labels are known when the folder has one sub-folder per class of the checkpoint, or the CSV has a
-``label`` column; then ``label`` is written and the metrics are printed.
+Preprocessing (input size, mean/std) comes from the checkpoint's spec, exactly as in training, and so
+do test-time augmentation (``--tta`` / ``--no-tta`` override) and, for two classes, the decision
+threshold on class 1's probability chosen on the validation patients (``--threshold`` overrides it;
+``--threshold argmax`` ignores it). Labels are known when the folder has one sub-folder per class of
+the checkpoint, or the CSV has a ``label`` column; then ``label`` is written and the metrics of
+``pred`` are printed.
 """
 from __future__ import annotations
 
@@ -14,19 +17,50 @@ import numpy as np
 import pandas as pd
 
 from pathology.atomic import atomic_path
-from pathology.checkpoint import CheckpointError, load_inference_model
+from pathology.checkpoint import CheckpointError, ModelSpec, load_inference_model
 from pathology.data import ImageCsvSource, ImageFolderSource, TileDataError, TileDataset, eval_transform
 from pathology.inference.predict import (
     RUNNER_ERRORS,
     RunOptions,
     add_backend_option,
+    add_tta_option,
     make_predictor,
     predict_tiles,
     start_devices,
 )
-from pathology.training.metrics import classification_metrics
+from pathology.training.metrics import classification_metrics, predicted_classes
 
 __all__ = ["main"]
+
+ARGMAX = "argmax"
+
+
+def _threshold_arg(text: str) -> float | str:
+    """``--threshold``: a probability in [0, 1], or ``argmax``."""
+    if text == ARGMAX:
+        return ARGMAX
+    try:
+        value = float(text)
+    except ValueError:
+        value = float("nan")
+    if not 0.0 <= value <= 1.0:
+        raise argparse.ArgumentTypeError(f"{text!r} is neither a probability in [0, 1] nor {ARGMAX!r}")
+    return value
+
+
+def _decision_rule(asked: float | str | None, spec: ModelSpec, checkpoint: Path) -> tuple[float | None, str]:
+    """(threshold or None for argmax, a line saying which rule and where it came from).
+
+    Raises:
+        CheckpointError: a threshold for a model of other than two classes.
+    """
+    threshold = spec.decision_threshold if asked is None else None if asked == ARGMAX else asked
+    if threshold is None:
+        return None, "decision rule: argmax" + (" (--threshold argmax)" if asked == ARGMAX else "")
+    if spec.num_classes != 2:
+        raise CheckpointError(f"{checkpoint}: --threshold needs a two-class model, not {list(spec.class_names)}")
+    source = "the checkpoint's, chosen on validation patients" if asked is None else "--threshold"
+    return threshold, f"decision rule: {spec.class_names[1]} iff its probability >= {threshold:.4f} ({source})"
 
 
 def _table(tiles: Path, class_names: list[str], image_root: Path | None, path_column: str) -> pd.DataFrame:
@@ -49,6 +83,10 @@ def _parser() -> argparse.ArgumentParser:
                         help="processes reading tiles while the model computes")
     parser.add_argument("--accelerator", default=RunOptions.accelerator, help="auto, cpu, gpu, ...")
     add_backend_option(parser)
+    add_tta_option(parser)
+    parser.add_argument("--threshold", type=_threshold_arg, default=None, metavar="P|argmax",
+                        help="two classes: predict the second class iff its probability >= P; 'argmax' ignores "
+                             "the checkpoint's threshold (default: the checkpoint's, else argmax)")
     return parser
 
 
@@ -57,10 +95,12 @@ def main(argv: list[str]) -> int:
     args = _parser().parse_args(argv)
     try:
         model, spec = load_inference_model(args.checkpoint)
+        threshold, rule = _decision_rule(args.threshold, spec, args.checkpoint)
         table = _table(args.tiles, list(spec.class_names), args.image_root, args.path_column)
         options = RunOptions(args.batch_size, args.num_workers, args.accelerator, backend=args.backend)
+        tta = spec.tta if args.tta is None else args.tta
         predictor = make_predictor(model, start_devices(options), backend=options.backend,
-                                   cache_dir=args.checkpoint.parent)
+                                   cache_dir=args.checkpoint.parent, tta=tta)
         dataset = TileDataset(table, eval_transform(spec.img_size, spec.mean, spec.std))
         probs = predict_tiles(predictor, dataset, options).probs
     except (CheckpointError, TileDataError, *RUNNER_ERRORS) as err:
@@ -71,13 +111,14 @@ def main(argv: list[str]) -> int:
     out = pd.DataFrame({"path": table["path"]})
     if known.any():
         out["label"] = np.where(known, names[np.maximum(labels, 0)], "")
-    out["pred"] = names[probs.argmax(axis=1)]
+    out["pred"] = names[predicted_classes(probs, threshold)]
     out[[f"prob_{name}" for name in names]] = probs
     with atomic_path(args.out) as tmp:
         out.to_csv(tmp, index=False)
     print(f"{len(out)} tiles -> {args.out}")
+    print(f"{rule}; TTA {'on (8 dihedral views)' if tta else 'off'}")
     if known.any():
-        metrics = classification_metrics(labels[known], probs[known])
+        metrics = classification_metrics(labels[known], probs[known], threshold)
         print(f"labelled tiles: {int(known.sum())}")
         for key in ("balanced_accuracy", "f1", "auroc", "accuracy"):
             print(f"{key}: {metrics[key]:.4f}")

@@ -13,7 +13,9 @@ import torch
 from pathology.checkpoint import (
     CheckpointError,
     ModelSpec,
+    load_checkpoint,
     load_inference_model,
+    rewrite_spec,
     save_checkpoint,
     save_ensemble_checkpoint,
 )
@@ -161,3 +163,40 @@ def test_checkpoint_without_ensemble_size_holds_one_model(saved: tuple[Path, tor
     torch.save(ckpt, path)
     model, spec = load_inference_model(path)
     assert spec.ensemble_size == 1 and not isinstance(model, Ensemble)
+def test_tta_and_decision_threshold_travel_with_the_checkpoint(saved: tuple[Path, torch.nn.Module],
+                                                               tmp_path: Path) -> None:
+    path, model = saved
+    spec = replace(SPEC, tta=True, decision_threshold=0.37)
+    _, loaded = load_checkpoint(save_checkpoint(tmp_path / "tta.ckpt", model, spec))
+    assert loaded == spec and loaded.tta is True and loaded.decision_threshold == 0.37
+
+
+def test_checkpoint_without_tta_and_threshold_loads_with_defaults_and_warnings(
+        saved: tuple[Path, torch.nn.Module], tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    ckpt = torch.load(saved[0], weights_only=True)
+    del ckpt["pathology_spec"]["tta"], ckpt["pathology_spec"]["decision_threshold"]  # as written before them
+    path = tmp_path / "old.ckpt"
+    torch.save(ckpt, path)
+    with caplog.at_level(logging.WARNING, logger="pathology.checkpoint"):
+        _, spec = load_checkpoint(path)
+    assert spec.tta is False and spec.decision_threshold is None
+    assert "no tta" in caplog.text and "no decision_threshold" in caplog.text
+
+
+def test_rewrite_spec_changes_only_the_spec(saved: tuple[Path, torch.nn.Module], tmp_path: Path) -> None:
+    path = tmp_path / "lightning.ckpt"
+    ckpt = torch.load(saved[0], weights_only=True)
+    ckpt["epoch"] = 3  # what a Lightning checkpoint holds besides weights and spec
+    torch.save(ckpt, path)
+    spec = rewrite_spec(path, decision_threshold=0.25)
+    after = torch.load(path, weights_only=True)
+    assert spec == replace(SPEC, decision_threshold=0.25) and after["pathology_spec"]["decision_threshold"] == 0.25
+    assert after["epoch"] == 3
+    for name, value in ckpt["state_dict"].items():
+        torch.testing.assert_close(after["state_dict"][name], value)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["lightning.ckpt"]  # no temporary file left
+
+
+def test_a_threshold_needs_a_two_class_spec() -> None:
+    with pytest.raises(ValueError, match="two classes"):
+        replace(SPEC, class_names=("a", "b", "c"), decision_threshold=0.5)

@@ -290,3 +290,20 @@ def test_shards_split_the_slides_and_an_unsharded_rerun_assembles_them(two_class
     table = pd.read_csv(out / "slides.csv")
     assert table["slide_id"].tolist() == ["blue_1", "mixed", "pink_1"] and table["status"].eq("ok").all()
     assert table["mean_blue"].tolist() == pytest.approx([1, MIXED_BLUE, 0], abs=1e-6)
+
+
+def test_tta_is_part_of_the_run_key(two_class_set, tmp_path) -> None:
+    """A rerun with another TTA setting redoes the slide; the same setting again skips it."""
+    out = tmp_path / "out"
+    common = [str(two_class_set.slide["mixed"]), "--checkpoint", str(two_class_set.checkpoint), "--out", str(out),
+              "--accelerator", "cpu", "--aggregation", "mean", "--num-workers", "0", "--backend", "torch"]
+    prediction = out / "predictions" / "mixed.h5"
+    assert main(common) == 0
+    plain = prediction.stat().st_mtime_ns
+    assert json.loads((out / "summary.json").read_text())["tta"] is False  # the checkpoint's spec: no TTA
+    assert main([*common, "--tta"]) == 0
+    with_tta = prediction.stat().st_mtime_ns
+    assert with_tta != plain and json.loads((out / "summary.json").read_text())["tta"] is True
+    assert main([*common, "--tta"]) == 0
+    assert prediction.stat().st_mtime_ns == with_tta
+    assert pd.read_csv(out / "slides.csv")["mean_blue"].tolist() == pytest.approx([MIXED_BLUE], abs=1e-6)

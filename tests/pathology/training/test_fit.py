@@ -4,11 +4,14 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import numpy as np
+import pandas as pd
 import pytest
 import torch
 from jsonargparse import ArgumentError
 
-from pathology.checkpoint import SPEC_KEY
+from pathology.checkpoint import SPEC_KEY, load_inference_model
+from pathology.data import eval_transform, read_image
 from pathology.models.mhsa import MhsaBlocks
 from pathology.training.cli import main
 from pathology.training.fit import fit
@@ -80,3 +83,47 @@ def test_ema_and_mixup_options_train_and_their_checkpoint_loads_safely(tile_fold
 def test_out_of_range_ema_and_mixup_options_fail_at_parse_time(key: str, value: str) -> None:
     with pytest.raises(ArgumentError, match=key):
         fit(["--config", str(TINY_CONFIG), f"--model.{key}", value])
+def _tta_probs_by_hand(checkpoint: Path, paths: list[Path]) -> np.ndarray:
+    """(N, 2) softmax of the checkpoint's model averaged over the 8 dihedral views of each tile."""
+    model, spec = load_inference_model(checkpoint)
+    transform = eval_transform(spec.img_size, spec.mean, spec.std)
+    images = torch.stack([transform(image=read_image(str(p)))["image"] for p in paths])
+    rotations = [torch.rot90(images, k, (2, 3)) for k in range(4)]
+    with torch.no_grad():
+        return torch.stack([model(v).softmax(dim=1) for v in rotations + [torch.flip(r, (3,)) for r in rotations]]
+                           ).mean(dim=0).numpy()
+
+
+def _youden_by_hand(is_positive: np.ndarray, score: np.ndarray) -> float:
+    """The highest of the scores maximising sensitivity + specificity - 1 when used as the threshold."""
+    def youden(t: float) -> float:
+        return (score[is_positive] >= t).mean() - (score[~is_positive] >= t).mean()
+    candidates = np.unique(score)[::-1]
+    return float(candidates[np.argmax([youden(t) for t in candidates])])
+
+
+def test_threshold_is_chosen_on_validation_patients_and_used_for_the_test_metrics(tile_folder: Path,
+                                                                                   tmp_path: Path) -> None:
+    root = tmp_path / "run"
+    result = fit(["--config", str(TINY_CONFIG), "--data.source.init_args.root", str(tile_folder),
+                  "--trainer.default_root_dir", str(root), "--data.split_csv", str(root / "splits.csv")],
+                 values={"model.model_name": "efficientformer_tiny", "model.tta": True,
+                         "model.decision_rule": "youden"})
+    _, spec = load_inference_model(result.best_checkpoint)
+    assert spec.tta is True and spec.decision_threshold == result.metrics["val/decision_threshold"]
+    folds = pd.read_csv(root / "splits.csv")
+    tiles = sorted(tile_folder.rglob("*.png"))
+
+    def split(fold: int) -> tuple[np.ndarray, np.ndarray]:
+        patients = set(folds.loc[folds["fold"] == fold, "patient_id"])
+        paths = [p for p in tiles if p.stem.split("_")[0] in patients]
+        is_positive = np.array([p.parent.name == "pos" for p in paths])
+        return is_positive, _tta_probs_by_hand(result.best_checkpoint, paths)[:, 1]
+
+    val_positive, val_score = split(0)
+    assert spec.decision_threshold == pytest.approx(_youden_by_hand(val_positive, val_score), abs=1e-5)
+    test_positive, test_score = split(-1)
+    assert _youden_by_hand(test_positive, test_score) != pytest.approx(spec.decision_threshold, abs=1e-5)  # not test's
+    predicted = test_score >= spec.decision_threshold
+    balanced = (predicted[test_positive].mean() + (~predicted[~test_positive]).mean()) / 2
+    assert result.metrics["test/balanced_accuracy"] == pytest.approx(balanced)

@@ -13,7 +13,7 @@ from lightning.pytorch.callbacks import ModelCheckpoint
 from tests.conftest import SCANNER_TILE_PX, STRIPES_PERIOD_UM, write_tiff
 from torch.utils.data import DataLoader, TensorDataset
 
-from pathology.checkpoint import SPEC_KEY, ModelSpec, load_checkpoint, save_checkpoint
+from pathology.checkpoint import SPEC_KEY, ModelSpec, load_checkpoint, rewrite_spec, save_checkpoint
 from pathology.data import H5Source, TileDataModule, TilingMismatchError
 from pathology.training import NonFiniteLossError, TileClassifier, TimeBudget, classification_metrics, warmup_cosine
 from wsi_tiling import Resolution, read_store_info, tile_slide
@@ -167,3 +167,47 @@ def test_checkpoint_without_tile_mpp_loads_with_a_warning(tmp_path: Path, caplog
         _, spec = load_checkpoint(path)
     assert spec.tile_mpp is None and spec.tile_mpp_spread is None
     assert "old.ckpt" in caplog.text and "µm/px" in caplog.text
+
+
+def test_tta_validation_scores_the_mean_of_the_eight_views(tmp_path: Path) -> None:
+    """With ``tta`` the epoch's probabilities are the views' mean softmax (written out here with
+    transposes and flips) and the loss is their negative log-likelihood; the spec records it."""
+    torch.manual_seed(0)
+    model = _classifier(model_name="efficientformer_tiny", tta=True).eval()
+    images = torch.rand(4, 3, IMG_PX, IMG_PX)
+    images[:, :, :6] += 2.0  # a bright top band: the views differ
+    labels = torch.tensor([0, 1, 0, 1])
+    views = [torch.flip(base, dims) if dims else base for base in (images, images.transpose(2, 3))
+             for dims in [(), (3,), (2,), (2, 3)]]
+    with torch.no_grad():
+        expected = torch.stack([model(v).softmax(dim=1) for v in views]).mean(dim=0)
+    trainer = L.Trainer(accelerator="cpu", logger=False, enable_progress_bar=False, enable_model_summary=False,
+                        default_root_dir=tmp_path)
+    [results] = trainer.validate(model, DataLoader(TensorDataset(images, labels), batch_size=2), verbose=False)
+    got_labels, got_probs = model.last_predictions
+    np.testing.assert_array_equal(got_labels, labels.numpy())
+    np.testing.assert_allclose(got_probs, expected.numpy(), atol=1e-6)
+    assert results["val/loss"] == pytest.approx(-expected[torch.arange(4), labels].log().mean().item(), rel=1e-5)
+    assert model.spec.tta is True and _classifier().spec.tta is False
+
+
+def test_a_decision_rule_needs_two_classes() -> None:
+    with pytest.raises(ValueError, match="decision_rule 'youden' needs two classes"):
+        TileClassifier(["a", "b", "c"], tile_size=IMG_PX, resolution="10x", img_size=IMG_PX, decision_rule="youden")
+
+
+def test_resumed_training_drops_the_threshold_chosen_for_the_old_weights(tmp_path: Path) -> None:
+    images = torch.rand(4, 3, IMG_PX, IMG_PX)
+    loader = DataLoader(TensorDataset(images, torch.tensor([0, 1, 0, 1])), batch_size=2)
+
+    def trainer(epochs: int) -> L.Trainer:
+        return L.Trainer(accelerator="cpu", max_epochs=epochs, logger=False, enable_progress_bar=False,
+                         enable_model_summary=False, default_root_dir=tmp_path,
+                         callbacks=[ModelCheckpoint(dirpath=tmp_path, save_last=True)])
+
+    trainer(1).fit(_classifier(model_name="efficientformer_tiny"), train_dataloaders=loader)
+    rewrite_spec(tmp_path / "last.ckpt", decision_threshold=0.3)
+    resumed = tmp_path / "resumed.ckpt"
+    resumed.write_bytes((tmp_path / "last.ckpt").read_bytes())
+    trainer(2).fit(_classifier(model_name="efficientformer_tiny"), train_dataloaders=loader, ckpt_path=resumed)
+    assert load_checkpoint(tmp_path / "last.ckpt")[1].decision_threshold is None
