@@ -184,14 +184,21 @@ def load_checkpoint(path: str | Path) -> tuple[dict[str, torch.Tensor], ModelSpe
     return state, ModelSpec.from_dict(ckpt[SPEC_KEY])
 
 
-def save_ensemble_checkpoint(path: str | Path, members: list[str | Path]) -> Path:
+def save_ensemble_checkpoint(path: str | Path, members: list[str | Path],
+                             decision_threshold: float | None = None) -> Path:
     """Writes the models of the checkpoints ``members`` as one ensemble checkpoint, atomically.
+
+    Args:
+        path: the ensemble checkpoint to write.
+        members: checkpoints of one architecture, classes and preprocessing.
+        decision_threshold: the ensemble's (a member's own was chosen for that member alone); None: argmax.
 
     Raises:
         CheckpointError: an unreadable member, or members whose specs differ (architecture,
             classes, preprocessing).
     """
     models, specs = zip(*(load_inference_model(member) for member in members))
+    specs = [replace(spec, decision_threshold=decision_threshold) for spec in specs]
     if any(spec != specs[0] for spec in specs):
         raise CheckpointError(f"{path}: the members {[str(m) for m in members]} differ in their specs")
     return save_checkpoint(path, Ensemble(list(models)), replace(specs[0], ensemble_size=len(models)))

@@ -32,14 +32,14 @@ import pandas as pd
 from jsonargparse import ArgumentError
 
 from pathology.atomic import atomic_path
-from pathology.checkpoint import CheckpointError, load_inference_model, save_ensemble_checkpoint
+from pathology.checkpoint import CheckpointError, load_inference_model, rewrite_spec, save_ensemble_checkpoint
 from pathology.data import TEST_FOLD, SplitError, TileDataError, TileDataset, eval_transform
 from pathology.data.sources import read_table
 from pathology.inference.predict import RUNNER_ERRORS, RunOptions, add_backend_option, make_predictor, predict_tiles
 from pathology.inference.predict import start_devices
 from pathology.io import read_torch_file
 from pathology.training.fit import check_config, fit
-from pathology.training.metrics import classification_metrics
+from pathology.training.metrics import classification_metrics, youden_tile_threshold
 from pathology.training.module import NonFiniteLossError
 
 __all__ = ["CvResult", "FoldResult", "cross_validate", "final_epochs", "main"]
@@ -78,6 +78,8 @@ class CvResult:
         final_checkpoint: the final model (None when not asked for).
         test_metrics: ``final/…`` and ``ensemble/…`` metrics on the test patients.
         ensemble: the fold models as one checkpoint (None when not asked for).
+        decision_threshold: with ``model.decision_rule: youden``, the threshold chosen on the
+            out-of-fold probabilities and stored in the final and ensemble checkpoints; else None.
     """
 
     folds: list[FoldResult]
@@ -85,6 +87,7 @@ class CvResult:
     final_checkpoint: Path | None
     test_metrics: dict[str, float]
     ensemble: Path | None
+    decision_threshold: float | None = None
 
 
 def final_epochs(best_epochs: Sequence[int]) -> int:
@@ -116,9 +119,11 @@ def _n_folds(split_csv: Path) -> int:
 
 
 def _predictions(checkpoint: Path, tiles: pd.DataFrame, options: RunOptions) -> pd.DataFrame:
-    """``path``, ``patient_id``, ``label`` (class name) and ``prob_<class>`` of ``tiles`` by ``checkpoint``."""
+    """``path``, ``patient_id``, ``label`` (class name) and ``prob_<class>`` of ``tiles`` by ``checkpoint``
+    (with test-time augmentation when its spec says so)."""
     model, spec = load_inference_model(checkpoint)
-    predictor = make_predictor(model, start_devices(options), backend=options.backend, cache_dir=checkpoint.parent)
+    predictor = make_predictor(model, start_devices(options), backend=options.backend, cache_dir=checkpoint.parent,
+                               tta=spec.tta)
     dataset = TileDataset(tiles, eval_transform(spec.img_size, spec.mean, spec.std))
     probs = predict_tiles(predictor, dataset, options).probs
     names = np.array(spec.class_names)
@@ -128,12 +133,16 @@ def _predictions(checkpoint: Path, tiles: pd.DataFrame, options: RunOptions) -> 
     return frame
 
 
-def _metrics(predictions: pd.DataFrame) -> dict[str, float]:
-    """:data:`SUMMARY_METRICS` of a :func:`_predictions` frame."""
+def _labels_and_probs(predictions: pd.DataFrame) -> tuple[np.ndarray, np.ndarray]:
+    """(N,) class indices and (N, C) probabilities of a :func:`_predictions` frame."""
     prob_columns = [c for c in predictions.columns if c.startswith("prob_")]
     names = [c.removeprefix("prob_") for c in prob_columns]
-    labels = predictions["label"].map(names.index).to_numpy()
-    metrics = classification_metrics(labels, predictions[prob_columns].to_numpy())
+    return predictions["label"].map(names.index).to_numpy(), predictions[prob_columns].to_numpy()
+
+
+def _metrics(predictions: pd.DataFrame, threshold: float | None = None) -> dict[str, float]:
+    """:data:`SUMMARY_METRICS` of a :func:`_predictions` frame (at ``threshold``; None: argmax)."""
+    metrics = classification_metrics(*_labels_and_probs(predictions), threshold=threshold)
     return {key: metrics[key] for key in SUMMARY_METRICS}
 
 
@@ -161,28 +170,40 @@ def _test_tiles(out: Path) -> pd.DataFrame:
                        dtype={"path": str, "slide_path": str, "patient_id": str})
 
 
-def _run_final(args: list[str], values: Mapping[str, Any], out: Path, epochs: int,
+def _oof_threshold(oof: pd.DataFrame) -> float:
+    """Youden's threshold on class 1's out-of-fold probability: every non-test patient, each predicted by
+    the fold model that never trained on it (the final fit has no validation patients of its own)."""
+    return youden_tile_threshold(*_labels_and_probs(oof))
+
+
+def _run_final(args: list[str], values: Mapping[str, Any], out: Path, epochs: int, threshold: float | None,
                options: RunOptions) -> tuple[Path, dict[str, float]]:
-    """Fits (or reads back) the model of every non-test patient for ``epochs``; returns it and its test metrics."""
+    """Fits (or reads back) the model of every non-test patient for ``epochs``, stores ``threshold`` in it;
+    returns it and its test metrics (at that threshold)."""
     folder = out / "final"
     if not (folder / RESULT_FILE).is_file():
         result = fit(args, {**values, "data.val_fold": None, "trainer.limit_val_batches": 0,
+                            "model.decision_rule": "argmax",  # no validation patients: the threshold is the folds'
                             "trainer.max_epochs": epochs, "trainer.default_root_dir": str(folder)})
+        rewrite_spec(result.best_checkpoint, decision_threshold=threshold)
         predictions = _predictions(result.best_checkpoint, _test_tiles(out), options)
         _write_csv(folder / "test_predictions.csv", predictions)
         _write_json(folder / RESULT_FILE, {"epochs": epochs, "checkpoint": str(result.best_checkpoint),
-                                           "train_tiles": len(result.tables["train"]), "test": _metrics(predictions)})
+                                           "train_tiles": len(result.tables["train"]), "decision_threshold": threshold,
+                                           "test": _metrics(predictions, threshold)})
     data = json.loads((folder / RESULT_FILE).read_text())
     return Path(data["checkpoint"]), data["test"]
 
 
-def _run_ensemble(out: Path, folds: list[FoldResult], options: RunOptions) -> dict[str, float]:
-    """Writes (unless there) ``OUT/ensemble.ckpt`` of the fold models; returns its test metrics."""
+def _run_ensemble(out: Path, folds: list[FoldResult], threshold: float | None,
+                  options: RunOptions) -> dict[str, float]:
+    """Writes (unless there) ``OUT/ensemble.ckpt`` of the fold models, holding ``threshold`` (not a fold's
+    own); returns its test metrics at that threshold."""
     path, predictions_csv = out / "ensemble.ckpt", out / "ensemble_test_predictions.csv"
     if not predictions_csv.is_file():
-        save_ensemble_checkpoint(path, [fold.checkpoint for fold in folds])
+        save_ensemble_checkpoint(path, [fold.checkpoint for fold in folds], threshold)
         _write_csv(predictions_csv, _predictions(path, _test_tiles(out), options))
-    return _metrics(pd.read_csv(predictions_csv))
+    return _metrics(pd.read_csv(predictions_csv), threshold)
 
 
 def _write_summary(out: Path, result: CvResult) -> None:
@@ -195,7 +216,7 @@ def _write_summary(out: Path, result: CvResult) -> None:
     _write_json(out / "cv_summary.json", {
         "folds": rows.to_dict(orient="records"),
         "mean": metrics.mean().to_dict(), "sd": metrics.std(ddof=1).to_dict(),  # sample sd over folds
-        "final_epochs": result.final_epochs, "epoch_rule": "ceil(median over folds of best_epoch + 1)",
+        "decision_threshold": result.decision_threshold, "final_epochs": result.final_epochs, "epoch_rule": "ceil(median over folds of best_epoch + 1)",
         "final_checkpoint": None if result.final_checkpoint is None else str(result.final_checkpoint),
         "ensemble": None if result.ensemble is None else str(result.ensemble),
         "test": result.test_metrics,
@@ -221,20 +242,23 @@ def cross_validate(args: list[str], out_dir: str | Path, values: Mapping[str, An
         (:data:`~pathology.inference.predict.RUNNER_ERRORS`).
     """
     out, values = Path(out_dir).resolve(), dict(values or {})
-    split_csv = Path(check_config(args, values).data.split_csv)
+    config = check_config(args, values)
+    split_csv = Path(config.data.split_csv)
     folds = [] if split_csv.is_file() else [_run_fold(args, values, out, 0, options)]  # fold 0 makes the split file
     folds += [_run_fold(args, values, out, k, options) for k in range(len(folds), _n_folds(split_csv))]
     oof = [pd.read_csv(out / f"fold_{f.fold}" / "val_predictions.csv", dtype={"patient_id": str}).assign(fold=f.fold)
            for f in folds]
-    _write_csv(out / "oof_predictions.csv", pd.concat(oof, ignore_index=True))
+    oof = pd.concat(oof, ignore_index=True)
+    _write_csv(out / "oof_predictions.csv", oof)
+    threshold = _oof_threshold(oof) if config.model.decision_rule == "youden" else None
     epochs = final_epochs([f.best_epoch for f in folds])
-    result = CvResult(folds, epochs, None, {}, None)
+    result = CvResult(folds, epochs, None, {}, None, threshold)
     if final:
-        checkpoint, metrics = _run_final(args, values, out, epochs, options)
+        checkpoint, metrics = _run_final(args, values, out, epochs, threshold, options)
         result = replace(result, final_checkpoint=checkpoint,
                          test_metrics={f"final/{k}": v for k, v in metrics.items()})
     if ensemble:
-        metrics = _run_ensemble(out, folds, options)
+        metrics = _run_ensemble(out, folds, threshold, options)
         result = replace(result, ensemble=out / "ensemble.ckpt",
                          test_metrics=result.test_metrics | {f"ensemble/{k}": v for k, v in metrics.items()})
     _write_summary(out, result)

@@ -30,11 +30,10 @@ from lightning.pytorch.loggers import CSVLogger, TensorBoardLogger
 
 from pathology.checkpoint import rewrite_spec
 from pathology.data import TileDataError, TileDataModule
-from pathology.inference.calibrate import youden_threshold
 from pathology.inference.results import InferenceError
 from pathology.io import CheckpointError
 from pathology.models.mhsa import MhsaBlocks
-from pathology.training.metrics import POSITIVE_INDEX
+from pathology.training.metrics import youden_tile_threshold
 from pathology.training.module import TileClassifier
 
 __all__ = ["FitResult", "TrainCLI", "check_config", "choose_threshold", "fit"]
@@ -46,7 +45,6 @@ _UNKNOWN_KEY = (re.compile(r"Group '(?P<group>[\w.]+)' does not accept option '(
                 re.compile(r"Option '(?P<key>[\w.]+)' is not accepted"))
 CONFIG_FLAG = "--config"
 THRESHOLD_KEY = "val/decision_threshold"
-MAX_THRESHOLD = 1.0  # roc_curve's first threshold is +inf ("nothing positive")
 
 
 @dataclass(frozen=True)
@@ -222,7 +220,7 @@ def choose_threshold(trainer: Trainer, model: TileClassifier, datamodule: TileDa
                             "there are no validation tiles")
     labels, probs = model.last_predictions
     try:
-        threshold = min(youden_threshold(labels == POSITIVE_INDEX, probs[:, POSITIVE_INDEX]), MAX_THRESHOLD)
+        threshold = youden_tile_threshold(labels, probs)
     except InferenceError as err:
         raise TileDataError(f"{best}: no decision threshold chosen (the checkpoint predicts by argmax): "
                             f"the validation tiles must hold both classes ({err})") from err

@@ -4,11 +4,26 @@ from __future__ import annotations
 import numpy as np
 from sklearn.metrics import balanced_accuracy_score, confusion_matrix, f1_score, roc_auc_score
 
-from pathology.inference.calibrate import decide
+from pathology.inference.calibrate import decide, youden_threshold
 
-__all__ = ["POSITIVE_INDEX", "classification_metrics", "predicted_classes"]
+__all__ = ["POSITIVE_INDEX", "classification_metrics", "predicted_classes", "youden_tile_threshold"]
 
 POSITIVE_INDEX = 1  # a binary classifier's decision threshold is on class 1's probability
+MAX_THRESHOLD = 1.0  # roc_curve's first threshold is +inf ("nothing positive")
+
+
+def youden_tile_threshold(labels: np.ndarray, probs: np.ndarray) -> float:
+    """The threshold on class 1's probability maximising sensitivity + specificity − 1 over labelled
+    tiles (at most 1), for :func:`predicted_classes`; choose it on validation patients only.
+
+    Args:
+        labels: (N,) true class indices (0 or 1).
+        probs: (N, 2) class probabilities.
+
+    Raises:
+        InferenceError: the tiles do not hold both classes.
+    """
+    return min(youden_threshold(labels == POSITIVE_INDEX, probs[:, POSITIVE_INDEX]), MAX_THRESHOLD)
 
 
 def predicted_classes(probs: np.ndarray, threshold: float | None = None) -> np.ndarray:

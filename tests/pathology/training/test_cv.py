@@ -26,11 +26,13 @@ TILES_PER_PATIENT = 2 * TILES_PER_CLASS  # one batch of each class
 
 @pytest.fixture(scope="module")
 def cv_run(tile_folder: Path, tmp_path_factory: pytest.TempPathFactory) -> tuple[list[str], Path]:
-    """One CV run of 3 folds (1 epoch each), the final fit and the ensemble, on the tiny tiles."""
+    """One CV run of 3 folds (1 epoch each), the final fit and the ensemble, on the tiny tiles, with a
+    decision threshold chosen on validation patients."""
     root = tmp_path_factory.mktemp("cv")
     args = ["--config", str(TINY_CONFIG), "--data.source.init_args.root", str(tile_folder),
             "--data.split_csv", str(root / "splits.csv"), "--data.n_folds", str(N_FOLDS),
-            "--model.model_name", "efficientformer_tiny", "--model.mhsa_blocks", "32:1"]
+            "--model.model_name", "efficientformer_tiny", "--model.mhsa_blocks", "32:1",
+            "--model.decision_rule", "youden"]
     assert main(["--out", str(root / "out"), "--backend", "torch", *args]) == 0
     return args, root
 
@@ -76,6 +78,26 @@ def test_the_final_fit_trains_on_train_and_val_patients_only(cv_run) -> None:
     test = pd.read_csv(root / "out" / "final" / "test_predictions.csv", dtype={"patient_id": str})
     folds = pd.read_csv(root / "splits.csv", dtype={"patient_id": str}).set_index("patient_id")["fold"]
     assert (test["patient_id"].map(folds) == -1).all() and test["patient_id"].nunique() == TEST_PATIENTS
+
+
+def _youden_j(labels: np.ndarray, scores: np.ndarray, threshold: float) -> float:
+    """Sensitivity + specificity - 1 of calling ``scores >= threshold`` positive."""
+    called = scores >= threshold
+    return called[labels == 1].mean() - called[labels == 0].mean()
+
+
+def test_final_and_ensemble_hold_the_threshold_best_on_out_of_fold_probabilities(cv_run) -> None:
+    """Their threshold maximises Youden's J over every non-test tile, each predicted by the fold model
+    that never trained on it (brute force over the observed scores); test tiles play no part."""
+    _, root = cv_run
+    oof = pd.read_csv(root / "out" / "oof_predictions.csv")
+    labels, scores = (oof["label"] == "pos").to_numpy().astype(int), oof["prob_pos"].to_numpy()
+    best_j = max(_youden_j(labels, scores, t) for t in np.unique(scores))
+    final = pd.read_json(root / "out" / "final" / "result.json", typ="series")
+    threshold = load_inference_model(root / "out" / "ensemble.ckpt")[1].decision_threshold
+    assert load_inference_model(final["checkpoint"])[1].decision_threshold == threshold
+    assert final["decision_threshold"] == pytest.approx(threshold, abs=1e-12)  # pandas parses JSON floats loosely
+    assert _youden_j(labels, scores, threshold) == pytest.approx(best_j)
 
 
 def test_a_rerun_skips_finished_folds(cv_run) -> None:
