@@ -33,14 +33,14 @@ from jsonargparse import ArgumentError
 
 from pathology.atomic import atomic_path
 from pathology.checkpoint import CheckpointError, load_inference_model, rewrite_spec, save_ensemble_checkpoint
-from pathology.data import TEST_FOLD, SplitError, TileDataError, TileDataset, eval_transform
+from pathology.data import TEST_FOLD, SplitError, TileDataError
 from pathology.data.sources import read_table
-from pathology.inference.predict import RUNNER_ERRORS, RunOptions, add_backend_option, make_predictor, predict_tiles
-from pathology.inference.predict import start_devices
+from pathology.inference.predict import RUNNER_ERRORS, RunOptions, add_backend_option
 from pathology.io import read_torch_file
 from pathology.training.fit import check_config, fit
 from pathology.training.metrics import classification_metrics, youden_tile_threshold
 from pathology.training.module import NonFiniteLossError
+from pathology.training.predict_tiles import tile_probabilities
 
 __all__ = ["CvResult", "FoldResult", "cross_validate", "final_epochs", "main"]
 
@@ -122,10 +122,7 @@ def _predictions(checkpoint: Path, tiles: pd.DataFrame, options: RunOptions) -> 
     """``path``, ``patient_id``, ``label`` (class name) and ``prob_<class>`` of ``tiles`` by ``checkpoint``
     (with test-time augmentation when its spec says so)."""
     model, spec = load_inference_model(checkpoint)
-    predictor = make_predictor(model, start_devices(options), backend=options.backend, cache_dir=checkpoint.parent,
-                               tta=spec.tta)
-    dataset = TileDataset(tiles, eval_transform(spec.img_size, spec.mean, spec.std))
-    probs = predict_tiles(predictor, dataset, options).probs
+    probs = tile_probabilities(model, spec, tiles, options, spec.tta, cache_dir=checkpoint.parent)
     names = np.array(spec.class_names)
     frame = pd.DataFrame({"path": tiles["path"].to_numpy(), "patient_id": tiles["patient_id"].to_numpy(),
                           "label": names[tiles["label"].to_numpy()]})

@@ -15,6 +15,7 @@ from pathlib import Path
 
 import numpy as np
 import pandas as pd
+from torch import nn
 
 from pathology.atomic import atomic_path
 from pathology.checkpoint import CheckpointError, ModelSpec, load_inference_model
@@ -30,7 +31,7 @@ from pathology.inference.predict import (
 )
 from pathology.training.metrics import classification_metrics, predicted_classes
 
-__all__ = ["main"]
+__all__ = ["main", "tile_probabilities"]
 
 ARGMAX = "argmax"
 
@@ -90,6 +91,25 @@ def _parser() -> argparse.ArgumentParser:
     return parser
 
 
+def tile_probabilities(model: nn.Module, spec: ModelSpec, table: pd.DataFrame, options: RunOptions, tta: bool,
+                       cache_dir: Path | None = None) -> np.ndarray:
+    """(N, C) class probabilities of a tile table's images (column ``path``), preprocessed as in training.
+
+    Args:
+        model, spec: from :func:`~pathology.checkpoint.load_inference_model`.
+        table: tile table, as the tile sources make it.
+        options: devices, batch size, backend.
+        tta: average over the 8 dihedral views of each tile.
+        cache_dir: where the backend keeps an exported graph (the checkpoint's folder).
+
+    Raises:
+        TileDataError: an unreadable tile; a runner error (:data:`RUNNER_ERRORS`).
+    """
+    predictor = make_predictor(model, start_devices(options), backend=options.backend, cache_dir=cache_dir, tta=tta)
+    dataset = TileDataset(table, eval_transform(spec.img_size, spec.mean, spec.std))
+    return predict_tiles(predictor, dataset, options).probs
+
+
 def main(argv: list[str]) -> int:
     """Entry point of ``pathology predict-tiles``; exits 1 with a one-line reason on bad input."""
     args = _parser().parse_args(argv)
@@ -99,10 +119,7 @@ def main(argv: list[str]) -> int:
         table = _table(args.tiles, list(spec.class_names), args.image_root, args.path_column)
         options = RunOptions(args.batch_size, args.num_workers, args.accelerator, backend=args.backend)
         tta = spec.tta if args.tta is None else args.tta
-        predictor = make_predictor(model, start_devices(options), backend=options.backend,
-                                   cache_dir=args.checkpoint.parent, tta=tta)
-        dataset = TileDataset(table, eval_transform(spec.img_size, spec.mean, spec.std))
-        probs = predict_tiles(predictor, dataset, options).probs
+        probs = tile_probabilities(model, spec, table, options, tta, cache_dir=args.checkpoint.parent)
     except (CheckpointError, TileDataError, *RUNNER_ERRORS) as err:
         print(f"pathology predict-tiles: {err}", file=sys.stderr)
         return 1
