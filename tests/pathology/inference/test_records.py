@@ -2,6 +2,11 @@
 finished slides, and a changed checkpoint or setting redoes the slides."""
 from __future__ import annotations
 
+import os
+import signal
+import subprocess
+import sys
+import time
 from pathlib import Path
 
 import h5py
@@ -18,6 +23,8 @@ from pathology.inference.predict import Predictor, RunOptions
 from pathology.inference.records import run_key, weights_hash
 
 RUN = RunOptions(batch_size=16, num_workers=0, accelerator="cpu", progress_bar=False)
+KILL_TIMEOUT_S = 300  # for the killed run's first finished slide (imports included)
+COPIES = 8  # slide ids per slide file in the killed cohort: the kill lands with most slides to go
 SLIDES = ("blue_1", "mixed", "pink_1")  # predicted in this order (slide-id order)
 EXTRAS = Extras(embeddings=True, geojson=True)
 
@@ -137,3 +144,45 @@ def test_ctrl_c_still_writes_the_tables_with_unfinished_slides_pending(two_class
     table = pd.read_csv(out / "slides.csv")
     assert table["status"].tolist() == ["ok", "pending", "pending"]
     assert table["mean_blue"].iloc[0] == pytest.approx(1, abs=1e-6)  # blue_1 finished
+
+
+def _cohort(data, path: Path) -> Path:
+    """A CSV naming each of :data:`SLIDES` under :data:`COPIES` slide ids."""
+    ids = [(f"c{copy}_{slide}", data.slide[slide]) for copy in range(COPIES) for slide in SLIDES]
+    pd.DataFrame({"slide_id": [i for i, _ in ids], "slide_path": [str(p) for _, p in ids]}).to_csv(path, index=False)
+    return path
+
+
+def _finished(out: Path) -> dict[str, dict[str, tuple[int, int]]]:
+    return {p.stem: _slide_files(out, p.stem) for p in (out / "records").glob("*.json")}
+
+
+def test_kill_9_then_the_same_command_gives_the_uninterrupted_result(two_class_set, tmp_path) -> None:
+    listing = _cohort(two_class_set, tmp_path / "cohort.csv")
+    args = ["--checkpoint", str(two_class_set.checkpoint), "--aggregation", "mean,vote", "--embeddings", "--geojson",
+            "--batch-size", "16", "--num-workers", "0", "--accelerator", "cpu"]
+    out = tmp_path / "killed"
+    process = subprocess.Popen([sys.executable, "-m", "pathology.cli", "infer", str(listing), "--out", str(out), *args],
+                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.monotonic() + KILL_TIMEOUT_S
+    while not list(out.glob("records/*.json")) and time.monotonic() < deadline and process.poll() is None:
+        time.sleep(0.01)
+    assert process.poll() is None, "the run ended before it could be killed"
+    os.kill(process.pid, signal.SIGKILL)
+    process.wait()
+    finished = _finished(out)
+    assert 0 < len(finished) < COPIES * len(SLIDES)
+    assert not (out / "slides.csv").exists()
+    for slide in finished:  # a finished slide's files are complete
+        with h5py.File(out / "predictions" / f"{slide}.h5") as file:
+            assert file["probs"].shape == (25, 2)
+    assert infer.main([str(listing), "--out", str(out), *args]) == 0
+    assert {s: files for s, files in _finished(out).items() if s in finished} == finished  # never rewritten
+    assert infer.main([str(listing), "--out", str(tmp_path / "clean"), *args]) == 0
+    got, expected = (pd.read_csv(run / "slides.csv").drop(columns="seconds") for run in (out, tmp_path / "clean"))
+    assert (got["status"] == "ok").all() and len(got) == COPIES * len(SLIDES)
+    pd.testing.assert_frame_equal(got, expected, atol=1e-6)
+    for slide in got["slide_id"]:
+        with h5py.File(out / "features" / f"{slide}.h5") as a, h5py.File(tmp_path / "clean" / "features" / f"{slide}.h5") as b:
+            np.testing.assert_allclose(a["features"][:], b["features"][:], atol=1e-6)
+            np.testing.assert_array_equal(a["coords"][:], b["coords"][:])
