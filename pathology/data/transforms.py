@@ -2,21 +2,26 @@
 
 Training and inference share :func:`eval_transform` (resize to the model input, the model's
 mean/std), so a checkpoint's spec is all inference needs to feed tiles exactly as in training.
+Inference runs the same two steps split in two: :func:`resize_transform` per tile, then
+:class:`BatchNormalizer` once per batch, which is equal to 1e-6 and several times cheaper.
 """
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
 import albumentations as A
 import cv2
 import numpy as np
+import torch
 from albumentations.core.transforms_interface import BaseTransformInitSchema
 from albumentations.pytorch import ToTensorV2
 from pydantic import Field
 from skimage.color import hed_from_rgb, rgb_from_hed
 
-__all__ = ["hed_jitter", "HEDJitter", "AugmentConfig", "eval_transform", "train_transform"]
+__all__ = ["hed_jitter", "HEDJitter", "AugmentConfig", "BatchNormalizer", "eval_transform", "resize_transform",
+           "train_transform"]
 
 MIN_TRANSMITTANCE = 1e-6  # floor before the log, so pure black has a finite optical density
 MAX_PIXEL = 255.0
@@ -109,6 +114,45 @@ def _normalize(img_size: int, mean: tuple[float, ...], std: tuple[float, ...]) -
 def eval_transform(img_size: int, mean: tuple[float, ...], std: tuple[float, ...]) -> A.Compose:
     """Resize to ``img_size`` px, scale to [0, 1], normalise with ``mean``/``std``, to a CHW tensor."""
     return A.Compose(_normalize(img_size, mean, std))
+
+
+def resize_transform(img_size: int) -> A.Compose:
+    """:func:`eval_transform`'s first step alone: the (H, W, 3) uint8 tile resized to ``img_size`` px."""
+    return A.Compose([A.Resize(img_size, img_size)])
+
+
+class BatchNormalizer:
+    """:func:`eval_transform`'s normalisation, done once per batch of resized uint8 tiles.
+
+    Per tile, albumentations makes a float HWC copy and stacking its CHW view copies it again,
+    strided, into a freshly allocated batch; here each tile is copied once into the batch, which
+    can be a buffer reused from batch to batch (a fresh 38 MB batch costs its page faults every
+    time). On a CPU that is about 7x cheaper, and reading tiles competes with the model for the
+    same cores. Picklable, so it also serves as a DataLoader ``collate_fn`` in worker processes.
+
+    Args:
+        mean, std: the model's per-channel normalisation, on the [0, 1] scale.
+    """
+
+    def __init__(self, mean: tuple[float, ...], std: tuple[float, ...]) -> None:
+        self.mean, self.std = tuple(mean), tuple(std)
+        self._shift = torch.tensor([m * MAX_PIXEL for m in mean], dtype=torch.float32).view(1, -1, 1, 1)
+        self._scale = torch.tensor([1 / (s * MAX_PIXEL) for s in std], dtype=torch.float32).view(1, -1, 1, 1)
+
+    def __call__(self, tiles: Sequence[np.ndarray], out: torch.Tensor | None = None) -> torch.Tensor:
+        """(B, 3, H, W) float32 normalised batch of (H, W, 3) uint8 tiles, written into ``out`` when
+        it is given and has that shape."""
+        height, width, channels = tiles[0].shape
+        shape = (len(tiles), channels, height, width)
+        if out is None or out.shape != shape:
+            out = torch.empty(shape, dtype=torch.float32)
+        for slot, tile in zip(out, tiles):
+            slot.copy_(torch.from_numpy(tile).permute(2, 0, 1))
+        return out.sub_(self._shift).mul_(self._scale)
+
+    def collate(self, items: Sequence[tuple[np.ndarray, Any]]) -> torch.Tensor:
+        """A DataLoader ``collate_fn`` over ``(tile, label)`` pairs: the normalised batch, labels dropped."""
+        return self([tile for tile, _ in items])
 
 
 def train_transform(augment: AugmentConfig, img_size: int, mean: tuple[float, ...],

@@ -32,6 +32,7 @@ from tqdm import tqdm
 from tqdm.contrib.logging import logging_redirect_tqdm
 
 from pathology.checkpoint import CheckpointError, ModelSpec, load_inference_model
+from pathology.data import BatchNormalizer
 from pathology.inference.aggregate import DEFAULT_AGGREGATIONS, Aggregation, aggregate_all, parse_aggregation
 from pathology.inference.calibrate import Calibration, calibration_path, decide, temper
 from pathology.inference.match import MATCH_MODES, match_for_checkpoint
@@ -171,8 +172,10 @@ def _predict_share(jobs: Sequence[SlideJob], keys: dict[str, str], setup: _Setup
     start, n_tiles = time.perf_counter(), 0
     tile = partial(tile_for_model, spec=setup.spec, **tiling)
     dataset = partial(slide_dataset, spec=setup.spec)
+    stream = SlideStream(todo, tile, dataset, BatchNormalizer(setup.spec.mean, setup.spec.std), run.batch_size,
+                         run.num_workers)
     bar = tqdm(total=len(jobs), initial=counts["skipped"], desc="slides", unit="slide", disable=not progress)
-    with bar, logging_redirect_tqdm(), SlideStream(todo, tile, dataset, run.batch_size, run.num_workers) as stream:
+    with bar, logging_redirect_tqdm(), stream:
         for slide, images in stream:
             record = _predict_slide(slide, images, setup, keys[slide.job.slide_id])
             write_record(setup.out_dir, record)

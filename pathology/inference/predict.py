@@ -29,6 +29,7 @@ from torch import nn
 from torch.utils.data import DataLoader, Dataset
 from tqdm import tqdm
 
+from pathology.data import BatchNormalizer
 from pathology.models.export import ExportError
 from pathology.models.runtime import BACKENDS, BackendUnavailable, InferenceRunner, optimize_for_inference
 from pathology.models.tta import mean_over_views
@@ -176,24 +177,47 @@ def make_predictor(model: nn.Module, fabric: Fabric, embeddings: bool = False, b
     return Predictor(runner, fabric.autocast, embeddings, tta)
 
 
-def batches(dataset: Dataset, batch_size: int, num_workers: int) -> Iterator[torch.Tensor]:
-    """The dataset's images in order, ``batch_size`` at a time (labels dropped).
+def batches(dataset: Dataset, normalize: BatchNormalizer, batch_size: int, num_workers: int,
+            buffers: int = 0) -> Iterator[torch.Tensor]:
+    """The dataset's tiles in order, ``batch_size`` at a time, as normalised (B, 3, H, W) batches.
+
+    Args:
+        dataset: ``(tile, label)`` pairs of resized (H, W, 3) uint8 tiles, e.g. a
+            :class:`~pathology.data.TileDataset` with :func:`~pathology.data.resize_transform`.
+        normalize: the model's normalisation.
+        batch_size: tiles per batch.
+        num_workers: DataLoader processes reading and normalising; 0: here, in the caller's thread.
+        buffers: with no workers, batches are written into this many tensors in turn (0: a new
+            tensor each batch), so a batch is overwritten ``buffers`` batches later: the consumer
+            must be done with it by then.
 
     Raises:
         CorruptTileError / WsiTilingError: a tile cannot be read (from the dataset).
     """
-    loader = DataLoader(dataset, batch_size=batch_size, shuffle=False, num_workers=num_workers,
-                        pin_memory=torch.cuda.is_available())
-    for images, _ in loader:
-        yield images
+    pin = torch.cuda.is_available()
+    if num_workers:
+        yield from DataLoader(dataset, batch_size=batch_size, shuffle=False, num_workers=num_workers,
+                              collate_fn=normalize.collate, pin_memory=pin)
+        return
+    ring: list[torch.Tensor | None] = [None] * max(buffers, 1)
+    for number, start in enumerate(range(0, len(dataset), batch_size)):
+        tiles = [dataset[index][0] for index in range(start, min(start + batch_size, len(dataset)))]
+        slot = number % len(ring)
+        batch = normalize(tiles, ring[slot] if buffers else None)
+        if pin and not batch.is_pinned():
+            batch = batch.pin_memory()
+        ring[slot] = batch
+        yield batch
 
 
-def predict_tiles(predictor: Predictor, dataset: Dataset, options: RunOptions = RunOptions()) -> TilePredictions:
-    """Predicts every item of ``dataset`` (``(image, label)`` pairs of normalised CHW tensors).
+def predict_tiles(predictor: Predictor, dataset: Dataset, normalize: BatchNormalizer,
+                  options: RunOptions = RunOptions()) -> TilePredictions:
+    """Predicts every tile of ``dataset``.
 
     Args:
         predictor: the model, from :func:`make_predictor`.
-        dataset: the tiles, e.g. a :class:`pathology.data.TileDataset` with the eval transform.
+        dataset: ``(tile, label)`` pairs of resized uint8 tiles (see :func:`batches`).
+        normalize: the model's normalisation.
         options: batch size, workers, progress bar.
 
     Returns:
@@ -201,8 +225,8 @@ def predict_tiles(predictor: Predictor, dataset: Dataset, options: RunOptions = 
     """
     probs, pooled = [], []
     n_batches = -(-len(dataset) // options.batch_size)
-    for images in tqdm(batches(dataset, options.batch_size, options.num_workers), total=n_batches,
-                       unit="batch", disable=not options.progress_bar):
+    for images in tqdm(batches(dataset, normalize, options.batch_size, options.num_workers, buffers=1),
+                       total=n_batches, unit="batch", disable=not options.progress_bar):
         batch_probs, batch_pooled = predictor.predict(images)
         probs.append(batch_probs)
         if batch_pooled is not None:

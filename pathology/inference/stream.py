@@ -23,7 +23,7 @@ import pandas as pd
 import torch
 
 from pathology.checkpoint import ModelSpec
-from pathology.data import TileDataError, TileDataset, eval_transform
+from pathology.data import BatchNormalizer, TileDataError, TileDataset, resize_transform
 from pathology.inference.match import resolution_for_slide, store_matches
 from pathology.inference.predict import batches
 from pathology.inference.results import STATUS_ERROR, STATUS_NO_TISSUE, STATUS_OK
@@ -46,6 +46,9 @@ log = logging.getLogger(__name__)
 
 OVERLAP_PX = 0  # the model was trained on non-overlapping tiles
 QUEUE_BATCHES = 4  # batches read ahead of the model
+# Batch tensors the producer writes into in turn: the queued ones, the one the consumer is
+# predicting, and the one being written (which is thus never one the consumer still holds).
+BATCH_BUFFERS = QUEUE_BATCHES + 2
 STOP_POLL_S = 0.2  # how often a blocked producer checks whether the consumer has gone
 
 
@@ -145,10 +148,10 @@ def tile_for_model(job: SlideJob, spec: ModelSpec, tiles_dir: Path, min_tissue: 
 
 
 def slide_dataset(slide: TiledSlide, spec: ModelSpec) -> TileDataset:
-    """The slide's tiles in store order, normalised as in training."""
+    """The slide's tiles in store order, resized to the model's input (normalised per batch)."""
     table = pd.DataFrame({"path": str(slide.h5_path), "tile_index": np.arange(slide.n_tiles),
                           "slide_path": str(slide.job.slide_path), "label": -1})
-    return TileDataset(table, eval_transform(spec.img_size, spec.mean, spec.std))
+    return TileDataset(table, resize_transform(spec.img_size))
 
 
 class SlideStream:
@@ -160,13 +163,15 @@ class SlideStream:
         jobs: the slides, in the order they are predicted.
         tile: finds or makes a slide's store (:func:`tile_for_model` with its settings bound).
         dataset: the slide's tiles as a dataset (:func:`slide_dataset` with the spec bound).
+        normalize: the model's normalisation, applied per batch.
         batch_size: tiles per batch.
         num_workers: DataLoader worker processes per slide (0: read in the producer thread).
     """
 
     def __init__(self, jobs: Sequence[SlideJob], tile: Callable[[SlideJob], TiledSlide],
-                 dataset: Callable[[TiledSlide], TileDataset], batch_size: int, num_workers: int) -> None:
-        self._jobs, self._tile, self._dataset = list(jobs), tile, dataset
+                 dataset: Callable[[TiledSlide], TileDataset], normalize: BatchNormalizer, batch_size: int,
+                 num_workers: int) -> None:
+        self._jobs, self._tile, self._dataset, self._normalize = list(jobs), tile, dataset, normalize
         self._batch_size, self._num_workers = batch_size, num_workers
         self._queue: queue.Queue = queue.Queue(maxsize=QUEUE_BATCHES)
         self._stop = threading.Event()
@@ -214,7 +219,8 @@ class SlideStream:
     def _put_batches(self, slide: TiledSlide) -> bool:
         """Queues the slide's batches, then its end marker; False when the consumer has stopped."""
         try:
-            for images in batches(self._dataset(slide), self._batch_size, self._num_workers):
+            for images in batches(self._dataset(slide), self._normalize, self._batch_size, self._num_workers,
+                                  BATCH_BUFFERS):
                 if not self._put(images):
                     return False
         except (WsiTilingError, TileDataError) as error:
@@ -229,7 +235,11 @@ class SlideStream:
 
     def __iter__(self) -> Iterator[tuple[TiledSlide, Iterator[torch.Tensor]]]:
         """Each slide with an iterator over its batches of (B, 3, H, W) normalised tiles (empty
-        unless the status is ``ok``); a read failure part way sets the slide's status and error."""
+        unless the status is ``ok``); a read failure part way sets the slide's status and error.
+
+        A batch is valid until the next item is taken: its tensor is then written again (see
+        :data:`BATCH_BUFFERS`), so a consumer that keeps one must copy it.
+        """
         for _ in self._jobs:
             slide = self._get()
             self._may_start.release()

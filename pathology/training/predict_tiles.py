@@ -19,7 +19,8 @@ from torch import nn
 
 from pathology.atomic import atomic_path
 from pathology.checkpoint import CheckpointError, ModelSpec, load_inference_model
-from pathology.data import ImageCsvSource, ImageFolderSource, TileDataError, TileDataset, eval_transform
+from pathology.data import (BatchNormalizer, ImageCsvSource, ImageFolderSource, TileDataError, TileDataset,
+                            resize_transform)
 from pathology.inference.predict import (
     RUNNER_ERRORS,
     RunOptions,
@@ -106,8 +107,8 @@ def tile_probabilities(model: nn.Module, spec: ModelSpec, table: pd.DataFrame, o
         TileDataError: an unreadable tile; a runner error (:data:`RUNNER_ERRORS`).
     """
     predictor = make_predictor(model, start_devices(options), backend=options.backend, cache_dir=cache_dir, tta=tta)
-    dataset = TileDataset(table, eval_transform(spec.img_size, spec.mean, spec.std))
-    return predict_tiles(predictor, dataset, options).probs
+    dataset = TileDataset(table, resize_transform(spec.img_size))
+    return predict_tiles(predictor, dataset, BatchNormalizer(spec.mean, spec.std), options).probs
 
 
 def main(argv: list[str]) -> int:

@@ -2,11 +2,21 @@
 tiling runs at most one slide ahead of prediction."""
 from __future__ import annotations
 
-import pandas as pd
+import threading
+from pathlib import Path
 
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+
+from pathology.data import BatchNormalizer
 from pathology.inference import infer
 from pathology.inference.infer import infer_slides
 from pathology.inference.predict import Predictor, RunOptions
+from pathology.inference.results import STATUS_OK
+from pathology.inference.stream import QUEUE_BATCHES, SlideStream, TiledSlide
+from wsi_tiling.inputs import SlideJob
 
 # One batch per slide: the tissue box is 25 tiles (see conftest).
 ONE_BATCH = RunOptions(batch_size=32, num_workers=0, accelerator="cpu", progress_bar=False)
@@ -40,3 +50,44 @@ def test_each_slide_is_written_before_the_next_is_predicted(two_class_set, tmp_p
     assert all(n_tiled <= k + 3 for k, (_, _, n_tiled) in enumerate(seen))
     assert tiled == ["blank", *WITH_TISSUE]
     assert pd.read_csv(out / "slides.csv")["slide_id"].tolist() == ["blank", *WITH_TISSUE]
+
+
+class _CountingNormalizer(BatchNormalizer):
+    """Counts the batches written, so a test can wait until the producer is as far ahead as it goes."""
+
+    def __init__(self, *args) -> None:
+        super().__init__(*args)
+        self.written, self.changed = 0, threading.Condition()
+
+    def __call__(self, tiles, out=None):
+        batch = super().__call__(tiles, out)
+        with self.changed:
+            self.written += 1
+            self.changed.notify_all()
+        return batch
+
+
+@pytest.mark.parametrize("spare_buffers", [2, 1])
+def test_a_batch_is_intact_until_the_next_is_taken(spare_buffers: int, monkeypatch) -> None:
+    """The producer writes batches into a few reused tensors; once it has written as far ahead as the
+    queue lets it, the batch the consumer holds is still the one it was given. With one buffer fewer
+    than the stream uses, the held batch is overwritten: the test can fail."""
+    monkeypatch.setattr("pathology.inference.stream.BATCH_BUFFERS", QUEUE_BATCHES + spare_buffers)
+    rng = np.random.default_rng(0)
+    tiles = [rng.integers(0, 256, (8, 8, 3), dtype=np.uint8) for _ in range(40)]
+    mean, std = (0.5, 0.5, 0.5), (0.25, 0.25, 0.25)
+    normalize, n_batches = _CountingNormalizer(mean, std), len(tiles) // 2
+    job = SlideJob(Path("slide.svs"), "slide")
+    intact = []
+    with SlideStream([job], lambda j: TiledSlide(j, STATUS_OK, n_tiles=len(tiles)), lambda _: [(t, -1) for t in tiles],
+                     normalize, batch_size=2, num_workers=0) as stream:
+        for _, images in stream:
+            for i, batch in enumerate(images):
+                given = batch.clone()
+                with normalize.changed:  # the queue full behind this batch and one more written
+                    assert normalize.changed.wait_for(
+                        lambda: normalize.written >= min(i + QUEUE_BATCHES + 2, n_batches), timeout=30)
+                intact.append(torch.equal(batch, given))
+                torch.testing.assert_close(given, BatchNormalizer(mean, std)(tiles[2 * i:2 * i + 2]))
+    assert len(intact) == n_batches
+    assert all(intact) == (spare_buffers == 2)
