@@ -135,7 +135,6 @@ class BatchNormalizer:
     """
 
     def __init__(self, mean: tuple[float, ...], std: tuple[float, ...]) -> None:
-        self.mean, self.std = tuple(mean), tuple(std)
         self._shift = torch.tensor([m * MAX_PIXEL for m in mean], dtype=torch.float32).view(1, -1, 1, 1)
         self._scale = torch.tensor([1 / (s * MAX_PIXEL) for s in std], dtype=torch.float32).view(1, -1, 1, 1)
 

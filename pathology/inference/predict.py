@@ -199,14 +199,14 @@ def batches(dataset: Dataset, normalize: BatchNormalizer, batch_size: int, num_w
         yield from DataLoader(dataset, batch_size=batch_size, shuffle=False, num_workers=num_workers,
                               collate_fn=normalize.collate, pin_memory=pin)
         return
-    ring: list[torch.Tensor | None] = [None] * max(buffers, 1)
+    ring: list[torch.Tensor | None] = [None] * buffers
     for number, start in enumerate(range(0, len(dataset), batch_size)):
         tiles = [dataset[index][0] for index in range(start, min(start + batch_size, len(dataset)))]
-        slot = number % len(ring)
-        batch = normalize(tiles, ring[slot] if buffers else None)
+        batch = normalize(tiles, ring[number % buffers] if buffers else None)
         if pin and not batch.is_pinned():
             batch = batch.pin_memory()
-        ring[slot] = batch
+        if buffers:
+            ring[number % buffers] = batch
         yield batch
 
 
