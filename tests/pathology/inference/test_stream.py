@@ -83,11 +83,11 @@ def test_a_batch_is_intact_until_the_next_is_taken(spare_buffers: int, monkeypat
                      normalize, batch_size=2, num_workers=0) as stream:
         for _, images in stream:
             for i, batch in enumerate(images):
-                given = batch.clone()
+                given = batch.clone()  # with too few buffers the producer may overwrite it even before this
                 with normalize.changed:  # the queue full behind this batch and one more written
                     assert normalize.changed.wait_for(
                         lambda: normalize.written >= min(i + QUEUE_BATCHES + 2, n_batches), timeout=30)
-                intact.append(torch.equal(batch, given))
-                torch.testing.assert_close(given, BatchNormalizer(mean, std)(tiles[2 * i:2 * i + 2]))
+                expected = BatchNormalizer(mean, std)(tiles[2 * i:2 * i + 2])
+                intact.append(torch.equal(given, expected) and torch.equal(batch, expected))
     assert len(intact) == n_batches
     assert all(intact) == (spare_buffers == 2)
