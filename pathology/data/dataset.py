@@ -53,7 +53,7 @@ class TileDataset(Dataset):
         self.tile_index = table["tile_index"].to_numpy(np.int64)
         self.slide_paths = table["slide_path"].astype(str).to_numpy()
         self.labels = table["label"].to_numpy(np.int64)
-        self._label_tensors = torch.from_numpy(self.labels)  # indexing it is 20x cheaper than torch.tensor()
+        self._label_tensors = torch.tensor(self.labels)  # one copy; indexing it is 20x cheaper than a tensor per tile
         self.transform = transform
         self._readers: dict[str, Any] = {}
 
