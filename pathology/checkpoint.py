@@ -22,6 +22,7 @@ from pathology.io import CheckpointError, read_torch_file
 from pathology.models import create_model
 from pathology.models.ensemble import Ensemble
 from pathology.models.mhsa import MhsaBlocks
+from pathology.stain import StainReference
 from wsi_tiling import Resolution
 
 __all__ = [
@@ -35,7 +36,7 @@ IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 DEFAULT_ACT_LAYER = "gelu"  # what checkpoints written before act_layer was recorded used
 # fields added after checkpoints were first written, with what older checkpoints meant by their absence
-LATER_FIELDS = {"act_layer": DEFAULT_ACT_LAYER, "tta": False, "decision_threshold": None}
+LATER_FIELDS = {"act_layer": DEFAULT_ACT_LAYER, "tta": False, "decision_threshold": None, "stain_reference": None}
 
 log = logging.getLogger(__name__)
 
@@ -63,6 +64,8 @@ class ModelSpec:
             (:mod:`pathology.models.tta`), as training evaluated the model.
         decision_threshold: two classes only: a tile is class 1 when its class-1 probability is at
             least this (chosen on the validation patients); None: argmax.
+        stain_reference: tiles are stain-normalised to it (:mod:`pathology.stain`) before
+            anything else, as in training; None: no stain normalisation.
     """
 
     model_name: str
@@ -79,6 +82,7 @@ class ModelSpec:
     ensemble_size: int = 1
     tta: bool = False
     decision_threshold: float | None = None
+    stain_reference: StainReference | None = None
 
     def __post_init__(self) -> None:
         """Raises ValueError: a decision threshold for other than two classes."""
@@ -97,6 +101,7 @@ class ModelSpec:
         data["class_names"] = list(self.class_names)
         data["resolution"] = {"value": float(self.resolution.value), "unit": self.resolution.unit}
         data["mean"], data["std"] = list(self.mean), list(self.std)
+        data["stain_reference"] = None if self.stain_reference is None else self.stain_reference.to_dict()
         return data
 
     @classmethod
@@ -120,6 +125,8 @@ class ModelSpec:
             ensemble_size=int(data.get("ensemble_size", 1)),  # older checkpoints hold one model
             tta=bool(data.get("tta", False)),
             decision_threshold=_optional_float(data.get("decision_threshold")),
+            stain_reference=None if data.get("stain_reference") is None
+            else StainReference.from_dict(data["stain_reference"]),
         )
 
 

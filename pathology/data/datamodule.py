@@ -8,6 +8,7 @@ from __future__ import annotations
 import logging
 import math
 from pathlib import Path
+from typing import Literal
 
 import lightning as L
 import numpy as np
@@ -16,16 +17,18 @@ from torch.utils.data import DataLoader, WeightedRandomSampler
 
 from pathology.checkpoint import IMAGENET_MEAN, IMAGENET_STD
 from pathology.data.dataset import TileDataset
-from pathology.data.errors import EmptyTileSetError, TilingMismatchError
+from pathology.data.errors import EmptyTileSetError, TileDataError, TilingMismatchError
 from pathology.data.sources import TileSource
 from pathology.data.splits import assign_splits, check_splits, load_or_make_folds
 from pathology.data.transforms import AugmentConfig, eval_transform, train_transform
+from pathology.stain import StainReference, fit_stain_reference
 from wsi_tiling import Resolution
 
 __all__ = ["TileDataModule"]
 
 log = logging.getLogger(__name__)
 RESOLUTION_TOLERANCE = 0.01  # relative: declared and delivered µm/px or magnification agree within 1 %
+STAIN_FIT_TILES = 256  # non-test tiles the stain reference is fitted on (drawn with the split seed)
 
 
 class TileDataModule(L.LightningDataModule):
@@ -49,6 +52,7 @@ class TileDataModule(L.LightningDataModule):
         num_workers: int = 0,
         balanced_sampling: bool = False,
         augment: AugmentConfig | None = None,
+        stain_normalization: Literal["macenko"] | None = None,
     ) -> None:
         """Args:
             source: where tiles and labels come from (``ImageFolderSource``, ``ImageCsvSource``, ``H5Source``).
@@ -68,6 +72,9 @@ class TileDataModule(L.LightningDataModule):
             num_workers: DataLoader worker processes (0 loads in the main process).
             balanced_sampling: draw training tiles with probability inverse to their class frequency.
             augment: training augmentation; None uses :class:`AugmentConfig`'s defaults.
+            stain_normalization: ``"macenko"``: every tile (training, validation, test and, through
+                the checkpoint, inference) is re-rendered with the stains of a reference fitted on
+                :data:`STAIN_FIT_TILES` non-test tiles (:mod:`pathology.stain`); None: tiles as they are.
         """
         super().__init__()
         self.source, self.class_names, self.split_csv = source, list(class_names), Path(split_csv)
@@ -78,6 +85,8 @@ class TileDataModule(L.LightningDataModule):
         self.val_fold, self.batch_size, self.num_workers = val_fold, batch_size, num_workers
         self.balanced_sampling = balanced_sampling
         self.augment = augment or AugmentConfig()
+        self.stain_normalization = stain_normalization
+        self.stain_reference: StainReference | None = None  # fitted in setup when asked for
         self.tables: dict[str, pd.DataFrame] = {}
         self.tiling: dict | None = None  # how the tiles were cut, when the source knows (after setup)
 
@@ -97,6 +106,22 @@ class TileDataModule(L.LightningDataModule):
         self.tables = {name: table[split == name].reset_index(drop=True) for name in ("train", "val", "test")}
         counts = {name: self.class_counts(name).tolist() for name in self.tables}
         log.info("tiles per class and split (%s): %s", self.class_names, counts)
+        if self.stain_normalization is not None:
+            self.stain_reference = self._fit_stain_reference(table[split != "test"].reset_index(drop=True))
+
+    def _fit_stain_reference(self, tiles: pd.DataFrame) -> StainReference:
+        """The reference of a seeded sample of the non-test tiles.
+
+        Not of the training split alone: every fold of a cross-validation and its final fit then
+        share one reference, so their models can be ensembled. It is fitted on pixels, never
+        labels, and test patients take no part.
+        """
+        rows = np.random.default_rng(self.split_kwargs["seed"]).permutation(len(tiles))[:STAIN_FIT_TILES]
+        dataset = TileDataset(tiles.iloc[np.sort(rows)].reset_index(drop=True))
+        try:
+            return fit_stain_reference([dataset.tile(i) for i in range(len(dataset))])
+        except ValueError as error:
+            raise TileDataError(f"{self.source.__class__.__name__}: non-test tiles: {error}") from error
 
     def _check_tiling(self, tiling: dict | None) -> None:
         """The checkpoint records ``tile_size`` and ``resolution``: they must be what the tiles really are."""
@@ -116,8 +141,8 @@ class TileDataModule(L.LightningDataModule):
         return np.bincount(self.tables[split]["label"], minlength=len(self.class_names))
 
     def _loader(self, split: str, train: bool) -> DataLoader:
-        transform = (train_transform(self.augment, self.img_size, self.mean, self.std) if train
-                     else eval_transform(self.img_size, self.mean, self.std))
+        transform = (train_transform(self.augment, self.img_size, self.mean, self.std, self.stain_reference) if train
+                     else eval_transform(self.img_size, self.mean, self.std, self.stain_reference))
         dataset = TileDataset(self.tables[split], transform)
         sampler = None
         if train and self.balanced_sampling:

@@ -1,7 +1,8 @@
 """Tile augmentation and model preprocessing (albumentations), including HED stain jitter.
 
-Training and inference share :func:`eval_transform` (resize to the model input, the model's
-mean/std), so a checkpoint's spec is all inference needs to feed tiles exactly as in training.
+Training and inference share :func:`eval_transform` (stain normalisation when the model was
+trained with it, resize to the model input, the model's mean/std), so a checkpoint's spec is all
+inference needs to feed tiles exactly as in training.
 Inference runs the same two steps split in two: :func:`resize_transform` per tile, then
 :class:`BatchNormalizer` once per batch, which is equal to 1e-6 and several times cheaper.
 """
@@ -9,7 +10,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Literal
 
 import albumentations as A
 import cv2
@@ -19,8 +20,11 @@ from albumentations.core.transforms_interface import BaseTransformInitSchema
 from albumentations.pytorch import ToTensorV2
 from pydantic import Field
 from skimage.color import hed_from_rgb, rgb_from_hed
+from torchvision.transforms import v2
 
-__all__ = ["hed_jitter", "HEDJitter", "AugmentConfig", "BatchNormalizer", "eval_transform", "resize_transform",
+from pathology.stain import StainNormalizer, StainReference
+
+__all__ = ["hed_jitter", "HEDJitter", "PolicyAugment", "StainNormalize", "AugmentConfig", "BatchNormalizer", "eval_transform", "resize_transform",
            "train_transform"]
 
 MIN_TRANSMITTANCE = 1e-6  # floor before the log, so pure black has a finite optical density
@@ -74,6 +78,43 @@ class HEDJitter(A.ImageOnlyTransform):
         return ("alpha_sigma", "beta_sigma")
 
 
+class PolicyAugment(A.ImageOnlyTransform):
+    """An augmentation policy of torchvision: ``randaugment`` (Cubuk et al. 2020: ``num_ops`` random
+    operations at one ``magnitude`` of 0–30) or ``autoaugment`` (Cubuk et al. 2019: the sub-policies
+    learned on ImageNet). Geometric operations fill the uncovered corners with white (glass).
+    Random draws come from torch's generator (seeded by ``seed_everything`` and per worker)."""
+
+    def __init__(self, policy: Literal["randaugment", "autoaugment"], magnitude: int = 9, num_ops: int = 2) -> None:
+        super().__init__(p=1.0)
+        self.policy = (v2.RandAugment(num_ops=num_ops, magnitude=magnitude, fill=int(MAX_PIXEL))
+                       if policy == "randaugment" else v2.AutoAugment(fill=int(MAX_PIXEL)))
+
+    def apply(self, img: np.ndarray, **params: Any) -> np.ndarray:
+        chw = torch.from_numpy(np.ascontiguousarray(img)).permute(2, 0, 1)
+        return self.policy(chw).permute(1, 2, 0).numpy()
+
+    def get_transform_init_args_names(self) -> tuple[str, ...]:
+        return ()
+
+
+class StainNormalize(A.ImageOnlyTransform):
+    """Every tile re-rendered with a reference's stains (:class:`~pathology.stain.StainNormalizer`)."""
+
+    def __init__(self, reference: StainReference) -> None:
+        super().__init__(p=1.0)
+        self.normalizer = StainNormalizer(reference)
+
+    def apply(self, img: np.ndarray, **params: Any) -> np.ndarray:
+        return self.normalizer(img)
+
+    def get_transform_init_args_names(self) -> tuple[str, ...]:
+        return ()
+
+
+def _stain(stain: StainReference | None) -> list[A.BasicTransform]:
+    return [] if stain is None else [StainNormalize(stain)]
+
+
 @dataclass
 class AugmentConfig:
     """Training augmentation; each ``*_p`` is the probability that a tile gets that transform.
@@ -83,6 +124,9 @@ class AugmentConfig:
         rotate90_p: rotation by a random multiple of 90°.
         affine_p: rotation by any angle and scaling by a factor in 1 ± ``affine_scale``, the corners
             filled by reflecting the tile (tissue has no up, and its texture goes on past the edge).
+        policy: an augmentation policy applied to every tile after the geometric steps
+            (:class:`PolicyAugment`: ``randaugment`` with ``policy_magnitude``, or ``autoaugment``);
+            None: none.
         hed_p: HED stain jitter with ``hed_alpha_sigma`` / ``hed_beta_sigma`` (OD units).
         color_p: brightness/contrast/saturation/hue jitter of the given strengths.
         blur_p: Gaussian blur of up to ``blur_sigma_max`` pixels (out-of-focus scans).
@@ -93,6 +137,8 @@ class AugmentConfig:
     rotate90_p: float = 0.5
     affine_p: float = 0.0
     affine_scale: float = 0.1
+    policy: Literal["randaugment", "autoaugment"] | None = None
+    policy_magnitude: int = 9
     hed_p: float = 0.5
     hed_alpha_sigma: float = 0.05
     hed_beta_sigma: float = 0.05
@@ -111,14 +157,17 @@ def _normalize(img_size: int, mean: tuple[float, ...], std: tuple[float, ...]) -
     return [A.Resize(img_size, img_size), A.Normalize(mean=mean, std=std, max_pixel_value=MAX_PIXEL), ToTensorV2()]
 
 
-def eval_transform(img_size: int, mean: tuple[float, ...], std: tuple[float, ...]) -> A.Compose:
-    """Resize to ``img_size`` px, scale to [0, 1], normalise with ``mean``/``std``, to a CHW tensor."""
-    return A.Compose(_normalize(img_size, mean, std))
+def eval_transform(img_size: int, mean: tuple[float, ...], std: tuple[float, ...],
+                   stain: StainReference | None = None) -> A.Compose:
+    """Stain normalisation (with a reference), resize to ``img_size`` px, scale to [0, 1],
+    normalise with ``mean``/``std``, to a CHW tensor."""
+    return A.Compose([*_stain(stain), *_normalize(img_size, mean, std)])
 
 
-def resize_transform(img_size: int) -> A.Compose:
-    """:func:`eval_transform`'s first step alone: the (H, W, 3) uint8 tile resized to ``img_size`` px."""
-    return A.Compose([A.Resize(img_size, img_size)])
+def resize_transform(img_size: int, stain: StainReference | None = None) -> A.Compose:
+    """:func:`eval_transform`'s steps up to the resize: the (H, W, 3) uint8 tile, stain-normalised
+    (with a reference) and resized to ``img_size`` px."""
+    return A.Compose([*_stain(stain), A.Resize(img_size, img_size)])
 
 
 class BatchNormalizer:
@@ -154,16 +203,19 @@ class BatchNormalizer:
         return self([tile for tile, _ in items])
 
 
-def train_transform(augment: AugmentConfig, img_size: int, mean: tuple[float, ...],
-                    std: tuple[float, ...]) -> A.Compose:
-    """Random augmentation (at the tile's own size, cheaper) followed by :func:`eval_transform`'s steps."""
+def train_transform(augment: AugmentConfig, img_size: int, mean: tuple[float, ...], std: tuple[float, ...],
+                    stain: StainReference | None = None) -> A.Compose:
+    """Stain normalisation (with a reference), random augmentation (at the tile's own size, cheaper),
+    then :func:`eval_transform`'s other steps."""
     cfg = augment
     return A.Compose([
+        *_stain(stain),
         A.HorizontalFlip(p=cfg.flip_p),
         A.VerticalFlip(p=cfg.flip_p),
         A.RandomRotate90(p=cfg.rotate90_p),
         A.Affine(rotate=(-FULL_TURN_DEG / 2, FULL_TURN_DEG / 2), scale=(1 - cfg.affine_scale, 1 + cfg.affine_scale),
                  border_mode=cv2.BORDER_REFLECT_101, p=cfg.affine_p),
+        *([] if cfg.policy is None else [PolicyAugment(cfg.policy, cfg.policy_magnitude)]),
         HEDJitter(cfg.hed_alpha_sigma, cfg.hed_beta_sigma, p=cfg.hed_p),
         A.ColorJitter(brightness=cfg.brightness, contrast=cfg.contrast, saturation=cfg.saturation, hue=cfg.hue,
                       p=cfg.color_p),

@@ -151,7 +151,7 @@ def slide_dataset(slide: TiledSlide, spec: ModelSpec) -> TileDataset:
     """The slide's tiles in store order, resized to the model's input (normalised per batch)."""
     table = pd.DataFrame({"path": str(slide.h5_path), "tile_index": np.arange(slide.n_tiles),
                           "slide_path": str(slide.job.slide_path), "label": -1})
-    return TileDataset(table, resize_transform(spec.img_size))
+    return TileDataset(table, resize_transform(spec.img_size, spec.stain_reference))
 
 
 class SlideStream:

@@ -21,6 +21,7 @@ from pathology.checkpoint import SPEC_KEY, ModelSpec
 from pathology.models import create_model
 from pathology.models.mhsa import MhsaBlocks
 from pathology.models.tta import tta_probabilities
+from pathology.stain import StainReference
 from pathology.training.ema import create_ema, state_for_checkpoint, state_from_checkpoint
 from pathology.training.metrics import classification_metrics
 from pathology.training.mixup import create_mixup, mix, soft_cross_entropy
@@ -136,6 +137,7 @@ class TileClassifier(L.LightningModule):
         self._outputs: list[tuple[torch.Tensor, torch.Tensor]] = []
         self.tile_mpp: float | None = None  # delivered µm/px of the training tiles (from the data, in setup)
         self.tile_mpp_spread: float | None = None
+        self.stain_reference: StainReference | None = None  # the data's, when it normalises stains (in setup)
         self.decision_threshold: float | None = None  # chosen on validation after fitting; used by test metrics
         self.last_predictions: tuple[np.ndarray, np.ndarray] | None = None  # (labels, probs) of the last eval epoch
 
@@ -153,15 +155,18 @@ class TileClassifier(L.LightningModule):
         return ModelSpec(hp.model_name, self.model.mhsa_blocks, tuple(hp.class_names), hp.img_size,
                          hp.tile_size, self.resolution, mean, std, tile_mpp=self.tile_mpp,
                          tile_mpp_spread=self.tile_mpp_spread, act_layer=hp.act_layer, tta=hp.tta,
-                         decision_threshold=self.decision_threshold)
+                         decision_threshold=self.decision_threshold, stain_reference=self.stain_reference)
 
     def setup(self, stage: str) -> None:
-        """Records the delivered µm/px of the data's tile stores (when it knows them) and sets
-        inverse-frequency loss weights from the training split when ``balanced_loss``."""
+        """Records the delivered µm/px of the data's tile stores (when it knows them) and its stain
+        reference (when it normalises stains), and sets inverse-frequency loss weights from the
+        training split when ``balanced_loss``."""
         datamodule = getattr(self.trainer, "datamodule", None)
         tiling = getattr(datamodule, "tiling", None)
         if stage == "fit" and tiling is not None:
             self.tile_mpp, self.tile_mpp_spread = float(tiling["mpp"]), float(tiling.get("mpp_spread", 0.0))
+        if stage == "fit" and datamodule is not None:
+            self.stain_reference = getattr(datamodule, "stain_reference", None)
         if stage == "fit" and self.hparams.balanced_loss and datamodule is not None:
             counts = np.maximum(datamodule.class_counts("train"), 1).astype(np.float32)
             self.loss_weights = torch.from_numpy(counts.sum() / (len(counts) * counts)).to(self.device)
@@ -283,11 +288,13 @@ class TileClassifier(L.LightningModule):
             checkpoint["state_dict"] = state_for_checkpoint(checkpoint["state_dict"], EMA_PREFIX)
 
     def on_load_checkpoint(self, checkpoint: dict) -> None:
-        """Restores the training tiles' µm/px and the decision threshold, which are data, not
-        hyper-parameters, and puts the raw and EMA weights where this module keeps them (Lightning
-        loads the ``state_dict`` after this hook)."""
+        """Restores the training tiles' µm/px, the stain reference and the decision threshold,
+        which are data, not hyper-parameters, and puts the raw and EMA weights where this module
+        keeps them (Lightning loads the ``state_dict`` after this hook)."""
         spec = checkpoint.get(SPEC_KEY, {})
         self.tile_mpp, self.tile_mpp_spread = spec.get("tile_mpp"), spec.get("tile_mpp_spread")
         self.decision_threshold = spec.get("decision_threshold")
+        stain = spec.get("stain_reference")
+        self.stain_reference = None if stain is None else StainReference.from_dict(stain)
         checkpoint["state_dict"] = state_from_checkpoint(checkpoint["state_dict"],
                                                        None if self.ema is None else EMA_PREFIX)

@@ -107,7 +107,7 @@ def tile_probabilities(model: nn.Module, spec: ModelSpec, table: pd.DataFrame, o
         TileDataError: an unreadable tile; a runner error (:data:`RUNNER_ERRORS`).
     """
     predictor = make_predictor(model, start_devices(options), backend=options.backend, cache_dir=cache_dir, tta=tta)
-    dataset = TileDataset(table, resize_transform(spec.img_size))
+    dataset = TileDataset(table, resize_transform(spec.img_size, spec.stain_reference))
     return predict_tiles(predictor, dataset, BatchNormalizer(spec.mean, spec.std), options).probs
 
 

@@ -22,6 +22,7 @@ from pathology.checkpoint import (
 from pathology.models import create_model
 from pathology.models.ensemble import Ensemble
 from pathology.models.mhsa import MhsaBlocks
+from pathology.stain import StainReference
 from wsi_tiling import Resolution
 
 SPEC = ModelSpec(model_name="efficientformer_l1", mhsa_blocks={16: 1, 32: 1}, class_names=("benign", "tumour"),
@@ -163,24 +164,27 @@ def test_checkpoint_without_ensemble_size_holds_one_model(saved: tuple[Path, tor
     torch.save(ckpt, path)
     model, spec = load_inference_model(path)
     assert spec.ensemble_size == 1 and not isinstance(model, Ensemble)
-def test_tta_and_decision_threshold_travel_with_the_checkpoint(saved: tuple[Path, torch.nn.Module],
-                                                               tmp_path: Path) -> None:
+def test_tta_threshold_and_stain_reference_travel_with_the_checkpoint(saved: tuple[Path, torch.nn.Module],
+                                                                      tmp_path: Path) -> None:
     path, model = saved
-    spec = replace(SPEC, tta=True, decision_threshold=0.37)
+    stain = StainReference(((0.56, 0.22), (0.72, 0.80), (0.41, 0.56)), (1.97, 1.03))
+    spec = replace(SPEC, tta=True, decision_threshold=0.37, stain_reference=stain)
     _, loaded = load_checkpoint(save_checkpoint(tmp_path / "tta.ckpt", model, spec))
     assert loaded == spec and loaded.tta is True and loaded.decision_threshold == 0.37
+    assert loaded.stain_reference == stain
 
 
-def test_checkpoint_without_tta_and_threshold_loads_with_defaults_and_warnings(
+def test_checkpoint_without_later_fields_loads_with_defaults_and_warnings(
         saved: tuple[Path, torch.nn.Module], tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
     ckpt = torch.load(saved[0], weights_only=True)
-    del ckpt["pathology_spec"]["tta"], ckpt["pathology_spec"]["decision_threshold"]  # as written before them
+    for name in ("tta", "decision_threshold", "stain_reference"):  # as written before them
+        del ckpt["pathology_spec"][name]
     path = tmp_path / "old.ckpt"
     torch.save(ckpt, path)
     with caplog.at_level(logging.WARNING, logger="pathology.checkpoint"):
         _, spec = load_checkpoint(path)
-    assert spec.tta is False and spec.decision_threshold is None
-    assert "no tta" in caplog.text and "no decision_threshold" in caplog.text
+    assert spec.tta is False and spec.decision_threshold is None and spec.stain_reference is None
+    assert all(f"no {name}" in caplog.text for name in ("tta", "decision_threshold", "stain_reference"))
 
 
 def test_rewrite_spec_changes_only_the_spec(saved: tuple[Path, torch.nn.Module], tmp_path: Path) -> None:

@@ -11,8 +11,8 @@ import pytest
 import torch
 from torch.utils.data import DataLoader
 
-from pathology.data import (CorruptTileError, EmptyTileSetError, ImageFolderSource, TileDataModule, TileDataset,
-                            eval_transform)
+from pathology.data import (CorruptTileError, EmptyTileSetError, ImageFolderSource, TileDataError, TileDataModule,
+                            TileDataset, eval_transform)
 
 CLASSES = ["neg", "pos"]
 
@@ -52,6 +52,17 @@ def test_balanced_sampling_draws_classes_equally(tmp_path: Path) -> None:
     torch.manual_seed(0)
     drawn = np.array([dm.tables["train"]["label"][i] for i in dm.train_dataloader().sampler])
     assert abs(drawn.mean() - 0.5) < 0.15  # inverse-frequency weights: about half positives, not a fifth
+
+
+def test_a_stain_reference_needs_stained_tiles(tmp_path: Path) -> None:
+    root = tmp_path / "tiles"
+    for cls in CLASSES:
+        (root / cls).mkdir(parents=True)
+        for p in range(5):
+            cv2.imwrite(str(root / cls / f"P{p}_0.png"), np.full((8, 8, 3), 240, np.uint8))  # glass
+    dm = _module(root, tmp_path / "splits.csv", stain_normalization="macenko")
+    with pytest.raises(TileDataError, match=r"^ImageFolderSource: non-test tiles: \d+ tiles have under 2% stained"):
+        dm.setup("fit")
 
 
 def test_empty_and_unlabelled_tile_sets_are_refused(tmp_path: Path) -> None:

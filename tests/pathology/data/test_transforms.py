@@ -94,3 +94,16 @@ def test_free_rotation_turns_the_tile_and_reflects_its_corners(rng: np.random.Ge
     stripes[:, ::10] = 255  # vertical lines
     original = torch.from_numpy(stripes).permute(2, 0, 1) / 255
     assert all(not torch.allclose(transform(image=stripes)["image"], original, atol=0.1) for _ in range(5))
+
+
+def test_an_augmentation_policy_changes_tiles_and_follows_torch_seed(rng: np.random.Generator) -> None:
+    tile = rng.integers(0, 256, (50, 50, 3), dtype=np.uint8)
+    original = torch.from_numpy(tile).permute(2, 0, 1) / 255
+    for policy in ("randaugment", "autoaugment"):
+        policy_only = AugmentConfig(flip_p=0, rotate90_p=0, hed_p=0, color_p=0, blur_p=0, jpeg_p=0, policy=policy)
+        transform = train_transform(policy_only, 50, (0.0,) * 3, (1.0,) * 3)
+        torch.manual_seed(0)
+        first = [transform(image=tile)["image"] for _ in range(6)]
+        torch.manual_seed(0)
+        assert all(torch.equal(transform(image=tile)["image"], out) for out in first)
+        assert sum(not torch.allclose(out, original, atol=1e-3) for out in first) >= 3, policy

@@ -1,8 +1,9 @@
 """Slides are streamed: each slide's files are written before the next slide is predicted, and
-tiling runs at most one slide ahead of prediction."""
+tiling runs at most one slide ahead of prediction; the tiles are those training saw (stain normalisation)."""
 from __future__ import annotations
 
 import threading
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -10,13 +11,17 @@ import pandas as pd
 import pytest
 import torch
 
-from pathology.data import BatchNormalizer
+from pathology.checkpoint import load_checkpoint
+from pathology.data import BatchNormalizer, resize_transform
 from pathology.inference import infer
 from pathology.inference.infer import infer_slides
 from pathology.inference.predict import Predictor, RunOptions
 from pathology.inference.results import STATUS_OK
-from pathology.inference.stream import QUEUE_BATCHES, SlideStream, TiledSlide
+from pathology.inference.stream import QUEUE_BATCHES, SlideStream, TiledSlide, slide_dataset, tile_for_model
+from pathology.stain import StainNormalizer, fit_stain_reference
+from tests.pathology.inference.conftest import BOX_PX, PINK, SLIDE_MPP, tissue_image
 from wsi_tiling.inputs import SlideJob
+from wsi_tiling.synthetic import write_slide
 
 # One batch per slide: the tissue box is 25 tiles (see conftest).
 ONE_BATCH = RunOptions(batch_size=32, num_workers=0, accelerator="cpu", progress_bar=False)
@@ -91,3 +96,24 @@ def test_a_batch_is_intact_until_the_next_is_taken(spare_buffers: int, monkeypat
                 intact.append(torch.equal(given, expected) and torch.equal(batch, expected))
     assert len(intact) == n_batches
     assert all(intact) == (spare_buffers == 2)
+
+
+def test_a_slides_tiles_are_stain_normalised_as_the_spec_says(two_class_set, tmp_path) -> None:
+    """With a stain reference in the spec, each tile is re-rendered with it before the resize, as in training."""
+    _, spec = load_checkpoint(two_class_set.checkpoint)
+    lo, hi = BOX_PX
+    image = tissue_image(PINK)
+    amounts = np.random.default_rng(0).uniform(0.3, 1.5, (hi - lo, hi - lo, 2))
+    image[lo:hi, lo:hi] = np.rint(240 * np.exp(-amounts @ np.array([[0.65, 0.70, 0.29], [0.25, 0.85, 0.45]])))
+    path = write_slide(tmp_path / "stained.svs", image, mpp=SLIDE_MPP, objective_power=20, downsamples=(1, 4),
+                       compression="zlib")
+    slide = tile_for_model(SlideJob(path, "stained"), spec, tmp_path / "tiles", min_tissue=0.5)
+    plain = slide_dataset(slide, spec)
+    reference = fit_stain_reference([plain.tile(i) for i in range(len(plain))])
+    stained = slide_dataset(slide, replace(spec, stain_reference=reference))
+    normalize, resize = StainNormalizer(reference), resize_transform(spec.img_size)
+    assert slide.n_tiles == len(stained) > 0
+    for i in range(len(plain)):
+        expected = resize(image=normalize(plain.tile(i)))["image"]
+        assert np.array_equal(stained[i][0], expected)
+        assert not np.array_equal(expected, plain[i][0])

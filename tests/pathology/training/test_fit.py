@@ -13,6 +13,7 @@ from jsonargparse import ArgumentError
 from pathology.checkpoint import SPEC_KEY, load_inference_model
 from pathology.data import eval_transform, read_image
 from pathology.models.mhsa import MhsaBlocks
+from pathology.stain import StainReference, fit_stain_reference
 from pathology.training.cli import main
 from pathology.training.fit import fit
 
@@ -77,6 +78,23 @@ def test_ema_and_mixup_options_train_and_their_checkpoint_loads_safely(tile_fold
     assert (hparams["ema_decay"], hparams["mixup_alpha"], hparams["cutmix_alpha"], hparams["mixup_prob"]) == (
         0.9, 0.2, 1.0, 0.5)
     assert "test/auroc" in result.metrics
+
+
+def _stains(reference: StainReference) -> np.ndarray:
+    return np.concatenate([np.ravel(reference.stain_matrix), reference.max_concentrations])
+
+
+def test_the_stain_reference_is_fitted_on_the_non_test_tiles_and_saved(tile_folder: Path, tmp_path: Path) -> None:
+    """Fewer non-test tiles than the fitting sample: all of them, and no test tile, make the reference."""
+    result = fit(["--config", str(TINY_CONFIG), "--data.source.init_args.root", str(tile_folder),
+                  "--trainer.default_root_dir", str(tmp_path), "--data.split_csv", str(tmp_path / "splits.csv"),
+                  "--model.model_name", "efficientformer_tiny", "--data.stain_normalization", "macenko"])
+    _, spec = load_inference_model(result.best_checkpoint)
+    non_test = pd.concat([result.tables["train"], result.tables["val"]])["path"]
+    expected = fit_stain_reference([read_image(p) for p in non_test])
+    np.testing.assert_allclose(_stains(spec.stain_reference), _stains(expected), rtol=1e-9)
+    with_test = fit_stain_reference([read_image(p) for p in [*non_test, *result.tables["test"]["path"]]])
+    assert np.abs(_stains(spec.stain_reference) - _stains(with_test)).max() > 1e-6
 
 
 @pytest.mark.parametrize(("key", "value"), [("ema_decay", "1.0"), ("mixup_alpha", "-0.1"), ("mixup_prob", "1.5")])

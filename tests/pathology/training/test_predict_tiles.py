@@ -11,6 +11,7 @@ import torch
 from pathology.checkpoint import ModelSpec, load_inference_model, rewrite_spec, save_checkpoint
 from pathology.data import eval_transform, read_image
 from pathology.models import create_model
+from pathology.stain import fit_stain_reference
 from pathology.training.predict_tiles import main
 from wsi_tiling import Resolution
 
@@ -142,3 +143,21 @@ def test_a_threshold_for_three_classes_is_one_line_naming_the_checkpoint(tile_fo
     message = capsys.readouterr().err.strip()
     assert len(message.splitlines()) == 1 and "three.ckpt" in message and "two-class" in message
     assert not (tmp_path / "p.csv").exists()
+
+
+def test_a_stain_reference_in_the_spec_normalises_the_tiles_as_training_did(tiny_checkpoint, tile_folder,
+                                                                            tmp_path) -> None:
+    columns = ["prob_neg", "prob_pos"]
+    plain = _predict(tiny_checkpoint, tile_folder, tmp_path / "plain.csv")
+    checkpoint = tmp_path / "stain.ckpt"
+    checkpoint.write_bytes(tiny_checkpoint.read_bytes())
+    paths = sorted(tile_folder.rglob("*.png"))
+    rewrite_spec(checkpoint, stain_reference=fit_stain_reference([read_image(p) for p in paths[::3]]))
+    stained = _predict(checkpoint, tile_folder, tmp_path / "stained.csv")
+    model, spec = load_inference_model(checkpoint)
+    transform = eval_transform(spec.img_size, spec.mean, spec.std, spec.stain_reference)
+    images = torch.stack([transform(image=read_image(p))["image"] for p in stained["path"]])
+    with torch.no_grad():
+        expected = model(images).softmax(dim=1).numpy()
+    np.testing.assert_allclose(stained[columns].to_numpy(), expected, atol=1e-5)
+    assert np.abs(stained[columns].to_numpy() - plain[columns].to_numpy()).max() > 1e-4
