@@ -2,12 +2,13 @@
 
 Stain jitter (:class:`~pathology.data.HEDJitter`) teaches the model to ignore stain variation;
 normalisation removes it instead, before training and inference alike. A
-:class:`StainReference` is fitted once on training tiles and stored in the checkpoint's spec, so
+:class:`StainReference` is fitted once on non-test tiles and stored in the checkpoint's spec, so
 ``predict-tiles`` and ``infer`` re-render tiles exactly as training did. The decomposition is
 torchstain's (Macenko et al., ISBI 2009): per tile, the H and E optical-density vectors and the
 99th-percentile concentrations are estimated and the concentrations re-rendered with the
 reference's vectors and scale. A tile with too little stained tissue to estimate its own stains
-(glass, fat) is left as it is.
+(glass, fat) is left as it is. A tile of one single colour has no second stain to find, and its
+re-rendering is arbitrary (tissue tiles have both).
 """
 from __future__ import annotations
 
