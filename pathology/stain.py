@@ -46,6 +46,7 @@ class StainReference:
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> StainReference:
+        """From :meth:`to_dict`'s lists (or arrays), as plain floats."""
         matrix = tuple(tuple(float(v) for v in row) for row in data["stain_matrix"])
         return cls(matrix, tuple(float(v) for v in data["max_concentrations"]))
 
@@ -70,15 +71,13 @@ def fit_stain_reference(tiles: Sequence[np.ndarray]) -> StainReference:
     matrix, concentrations = np.asarray(normalizer.HERef), np.asarray(normalizer.maxCRef)
     if not (np.isfinite(matrix).all() and np.isfinite(concentrations).all() and (concentrations > 0).all()):
         raise ValueError(f"{len(tiles)} tiles: the H and E stains cannot be separated (one stain only?)")
-    return StainReference(tuple(tuple(float(v) for v in row) for row in matrix),
-                          tuple(float(v) for v in concentrations))
+    return StainReference.from_dict({"stain_matrix": matrix, "max_concentrations": concentrations})
 
 
 class StainNormalizer:
     """Re-renders (H, W, 3) uint8 RGB tiles with ``reference``'s stains; picklable (DataLoader workers)."""
 
     def __init__(self, reference: StainReference) -> None:
-        self.reference = reference
         self._normalizer = NumpyMacenkoNormalizer()
         self._normalizer.HERef = np.asarray(reference.stain_matrix, dtype=np.float64)
         self._normalizer.maxCRef = np.asarray(reference.max_concentrations, dtype=np.float64)

@@ -22,6 +22,7 @@ from datetime import timedelta
 from pathlib import Path
 
 import numpy as np
+import pandas as pd
 import torch
 from lightning.fabric import Fabric
 from lightning.fabric.strategies import DDPStrategy
@@ -29,7 +30,8 @@ from torch import nn
 from torch.utils.data import DataLoader, Dataset
 from tqdm import tqdm
 
-from pathology.data import BatchNormalizer
+from pathology.checkpoint import ModelSpec
+from pathology.data import BatchNormalizer, TileDataset, resize_transform
 from pathology.models.export import ExportError
 from pathology.models.runtime import BACKENDS, BackendUnavailable, InferenceRunner, optimize_for_inference
 from pathology.models.tta import mean_over_views
@@ -175,6 +177,13 @@ def make_predictor(model: nn.Module, fabric: Fabric, embeddings: bool = False, b
     runner = optimize_for_inference(model.to(fabric.device).eval(), backend=backend,
                                     cache_dir=cache_dir if writable else None, autocast=False)
     return Predictor(runner, fabric.autocast, embeddings, tta)
+
+
+def tile_dataset(table: pd.DataFrame, spec: ModelSpec) -> TileDataset:
+    """The tiles of ``table`` as the model's spec says inference reads them: stain-normalised when
+    it holds a reference, resized to its input; :func:`batches` then normalises them with
+    ``BatchNormalizer(spec.mean, spec.std)``. Together, training's ``eval_transform``."""
+    return TileDataset(table, resize_transform(spec.img_size, spec.stain_reference))
 
 
 def batches(dataset: Dataset, normalize: BatchNormalizer, batch_size: int, num_workers: int,

@@ -23,9 +23,9 @@ import pandas as pd
 import torch
 
 from pathology.checkpoint import ModelSpec
-from pathology.data import BatchNormalizer, TileDataError, TileDataset, resize_transform
+from pathology.data import BatchNormalizer, TileDataError, TileDataset
 from pathology.inference.match import resolution_for_slide, store_matches
-from pathology.inference.predict import batches
+from pathology.inference.predict import batches, tile_dataset
 from pathology.inference.results import STATUS_ERROR, STATUS_NO_TISSUE, STATUS_OK
 from wsi_tiling import (
     Resolution,
@@ -151,7 +151,7 @@ def slide_dataset(slide: TiledSlide, spec: ModelSpec) -> TileDataset:
     """The slide's tiles in store order, resized to the model's input (normalised per batch)."""
     table = pd.DataFrame({"path": str(slide.h5_path), "tile_index": np.arange(slide.n_tiles),
                           "slide_path": str(slide.job.slide_path), "label": -1})
-    return TileDataset(table, resize_transform(spec.img_size, spec.stain_reference))
+    return tile_dataset(table, spec)
 
 
 class SlideStream:

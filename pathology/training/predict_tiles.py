@@ -19,8 +19,7 @@ from torch import nn
 
 from pathology.atomic import atomic_path
 from pathology.checkpoint import CheckpointError, ModelSpec, load_inference_model
-from pathology.data import (BatchNormalizer, ImageCsvSource, ImageFolderSource, TileDataError, TileDataset,
-                            resize_transform)
+from pathology.data import BatchNormalizer, ImageCsvSource, ImageFolderSource, TileDataError
 from pathology.inference.predict import (
     RUNNER_ERRORS,
     RunOptions,
@@ -29,6 +28,7 @@ from pathology.inference.predict import (
     make_predictor,
     predict_tiles,
     start_devices,
+    tile_dataset,
 )
 from pathology.training.metrics import classification_metrics, predicted_classes
 
@@ -107,8 +107,7 @@ def tile_probabilities(model: nn.Module, spec: ModelSpec, table: pd.DataFrame, o
         TileDataError: an unreadable tile; a runner error (:data:`RUNNER_ERRORS`).
     """
     predictor = make_predictor(model, start_devices(options), backend=options.backend, cache_dir=cache_dir, tta=tta)
-    dataset = TileDataset(table, resize_transform(spec.img_size, spec.stain_reference))
-    return predict_tiles(predictor, dataset, BatchNormalizer(spec.mean, spec.std), options).probs
+    return predict_tiles(predictor, tile_dataset(table, spec), BatchNormalizer(spec.mean, spec.std), options).probs
 
 
 def main(argv: list[str]) -> int:
