@@ -134,7 +134,7 @@ def main() -> None:
         checkpoint = save_checkpoint(workdir / "model.ckpt", model, spec)
         start = time.perf_counter()  # the export a cohort pays once, cached beside the checkpoint
         backend = make_predictor(model, start_devices(options), backend=options.backend,
-                                 cache_dir=checkpoint.parent).runner.backend
+                                 cache_dir=checkpoint.parent).runner.label
         print(f"backend {backend}: graph export and load {time.perf_counter() - start:.1f} s (once per checkpoint)")
         slides = make_slides(workdir, args.distinct, args.slide_px)
         listing = cohort_csv(workdir / "cohort.csv", slides, args.slides)

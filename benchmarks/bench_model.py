@@ -1,13 +1,15 @@
 """CPU speed of every inference backend of our EfficientFormer against timm's, in one process.
 
 One table at 224 px: timm's ``efficientformer_l1`` eager (the baseline), ONNX Runtime on timm's
-L1 exported to ONNX (the best a user gets without this toolkit), and our L1 ``{32: 1}`` eager and
-through every backend of :func:`pathology.models.optimize_for_inference` (``torch`` fused,
-``torch`` fused + ``torch.compile``, ``onnxruntime``, ``openvino`` when installed), in images/s
-at ``--batch-size`` and ms at batch 1. The measured fp32 matmul peak (a 2048² ``torch.matmul``)
-gives each model's FLOP limit, ``peak / (2 × MACs per image)`` img/s, and each figure's fraction
-of it. Goals for the default (``auto``) backend: ≥ 1.0× ONNX Runtime on timm's L1, ≥ 4× timm eager,
-≥ 0.6 of the FLOP limit (the ratios printed under the table; all from this one run).
+L1 exported to ONNX (the best a user gets without this toolkit; and OpenVINO at bf16 on the same
+graph where the CPU has bf16 matrix units), and our L1 ``{32: 1}`` eager and through every backend
+and precision of :func:`pathology.models.optimize_for_inference` (``torch`` fused, with and
+without ``torch.compile``, ``onnxruntime``, ``openvino``; ``bf16-mixed`` rows where the CPU has
+AMX), in images/s at ``--batch-size`` and ms at batch 1. The measured matmul peaks (a 2048²
+``torch.matmul`` in fp32 and in bf16) give each model's FLOP limit, ``peak / (2 × MACs per
+image)`` img/s, and each figure's fraction of it. Goals for the default (``auto``) path: ≥ 1.0×
+ONNX Runtime on timm's L1, ≥ 4× timm eager, ≥ 0.6 of the (fp32) FLOP limit (the ratios printed
+under the table; all from this one run).
 
 A second table: what attention at /16 costs, ``{32: 1}`` against ``{16: 2, 32: 1}`` through the
 default backend at every ``--sizes`` px (timm's L1 cannot run other than 224 px).
@@ -42,7 +44,15 @@ from tqdm import tqdm
 from pathology.atomic import atomic_path
 from pathology.models import create_model, optimize_for_inference
 from pathology.models.cost import count_macs
-from pathology.models.runtime import BACKENDS, choose_backend
+from pathology.models.runtime import (
+    BACKENDS,
+    BF16,
+    FP32,
+    UnsupportedRun,
+    choose_backend,
+    has_bf16_matrix_units,
+    runner_label,
+)
 
 BASELINE_SIZE = 224
 MATMUL_N = 2048  # edge of the square fp32 matmul that measures the peak
@@ -55,13 +65,15 @@ GOALS = {"× ONNX Runtime on timm L1": 1.0, "× timm eager": 4.0, "fraction of F
 
 @dataclass(frozen=True)
 class Row:
-    """One timed runner: a label, the backend, the input edge in px, MACs per image, and the callable."""
+    """One timed runner: a label, the backend (with its precision below fp32), the input edge in px,
+    MACs per image, the callable, and its precision."""
 
     label: str
     backend: str
     img_size: int
     macs: int
     run: Callable[[torch.Tensor], torch.Tensor]
+    precision: str = FP32
 
 
 def _eager(model: nn.Module) -> Callable[[torch.Tensor], torch.Tensor]:
@@ -84,21 +96,31 @@ def main_rows(cache_dir: Path, compile_model: bool) -> list[Row]:
     timm_macs = count_macs(timm_l1, (BASELINE_SIZE, BASELINE_SIZE))
     ours = _ours({32: 1}, BASELINE_SIZE)
     macs = count_macs(ours, (BASELINE_SIZE, BASELINE_SIZE))
+    precisions = (FP32, BF16) if has_bf16_matrix_units(torch.device("cpu")) else (FP32,)
     rows = [Row("timm efficientformer_l1 eager", "torch eager", BASELINE_SIZE, timm_macs, _eager(timm_l1)),
-            Row("timm efficientformer_l1 → ONNX", "onnxruntime", BASELINE_SIZE, timm_macs,
-                optimize_for_inference(timm_l1, backend="onnxruntime", cache_dir=cache_dir)),
-            Row("ours L1 {32: 1} eager", "torch eager", BASELINE_SIZE, macs, _eager(ours))]
+            _row("timm efficientformer_l1 → ONNX", timm_l1, timm_macs, "onnxruntime", FP32, cache_dir)]
+    if BF16 in precisions:
+        rows.append(_row("timm efficientformer_l1 → ONNX", timm_l1, timm_macs, "openvino", BF16, cache_dir))
+    rows.append(Row("ours L1 {32: 1} eager", "torch eager", BASELINE_SIZE, macs, _eager(ours)))
     for backend in BACKENDS:
-        try:
-            runner = optimize_for_inference(ours, backend=backend, cache_dir=cache_dir)
-        except ImportError as err:
-            print(f"skipping backend {backend}: {err}")
-            continue
-        rows.append(Row("ours L1 {32: 1}", backend, BASELINE_SIZE, macs, runner))
-        if backend == "torch" and compile_model:
-            rows.append(Row("ours L1 {32: 1}", "torch + compile", BASELINE_SIZE, macs,
-                            optimize_for_inference(ours, backend="torch", compile_model=True)))
-    return rows
+        for precision in precisions:
+            rows.append(_row("ours L1 {32: 1}", ours, macs, backend, precision, cache_dir))
+            if backend == "torch" and compile_model:
+                rows.append(_row("ours L1 {32: 1}", ours, macs, backend, precision, cache_dir, compile_model=True))
+    return [row for row in rows if row is not None]
+
+
+def _row(label: str, model: nn.Module, macs: int, backend: str, precision: str, cache_dir: Path,
+         compile_model: bool = False) -> Row | None:
+    """The model through one backend at one precision at 224 px; None (said) where it cannot run here."""
+    try:
+        runner = optimize_for_inference(model, backend=backend, precision=precision, cache_dir=cache_dir,
+                                        compile_model=compile_model)
+    except (ImportError, UnsupportedRun) as err:
+        print(f"skipping {backend} {precision}: {err}")
+        return None
+    name = runner.label.replace("torch", "torch + compile") if compile_model else runner.label
+    return Row(label, name, BASELINE_SIZE, macs, runner, precision)
 
 
 def attention_rows(sizes: list[int], cache_dir: Path) -> list[Row]:
@@ -108,7 +130,8 @@ def attention_rows(sizes: list[int], cache_dir: Path) -> list[Row]:
         for mhsa in ({32: 1}, {16: 2, 32: 1}):
             model = _ours(mhsa, size)
             runner = optimize_for_inference(model, cache_dir=cache_dir)
-            rows.append(Row(f"ours L1 {mhsa}", runner.backend, size, count_macs(model, (size, size)), runner))
+            rows.append(Row(f"ours L1 {mhsa}", runner.label, size, count_macs(model, (size, size)), runner,
+                            runner.precision))
     return rows
 
 
@@ -127,9 +150,9 @@ def fastest_times(rows: list[Row], batch_size: int, rounds: int, clock: Callable
     return best
 
 
-def matmul_peak_flops(clock: Callable[[], float]) -> float:
-    """fp32 FLOP/s of the fastest of a few ``MATMUL_N``² matmuls with torch's current threads."""
-    a, b = torch.randn(MATMUL_N, MATMUL_N), torch.randn(MATMUL_N, MATMUL_N)
+def matmul_peak_flops(clock: Callable[[], float], dtype: torch.dtype = torch.float32) -> float:
+    """FLOP/s of the fastest of a few ``MATMUL_N``² matmuls in ``dtype`` with torch's current threads."""
+    a, b = torch.randn(MATMUL_N, MATMUL_N, dtype=dtype), torch.randn(MATMUL_N, MATMUL_N, dtype=dtype)
     torch.matmul(a, b)
     best = float("inf")
     for _ in range(MATMUL_RUNS):
@@ -148,23 +171,33 @@ def _cpu_name() -> str:
     return platform.processor() or platform.machine()
 
 
-def format_main(rows: list[Row], latency: list[float], rate: list[float], peak: float, default: str) -> str:
-    """Table 1 and the goal ratios; ratios are to rows 0 (timm eager) and 1 (ONNX Runtime on timm's L1)."""
+def format_main(rows: list[Row], latency: list[float], rate: list[float], peaks: dict[str, float],
+                default: str) -> str:
+    """Table 1 and the goal ratios; ratios are to rows 0 (timm eager) and 1 (ONNX Runtime on timm's L1).
+
+    ``peaks``: matmul FLOP/s per precision; each row's FLOP limit is that of the fp32 peak (the
+    goal's) and, for bf16 rows, also of the bf16 peak, which is the hardware's limit for them.
+    """
     lines = ["| model | backend | latency b=1 (ms) | img/s | × timm eager | × ONNX Runtime on timm L1 | "
-             "FLOP limit (img/s) | fraction of FLOP limit |", "|---|---|---|---|---|---|---|---|"]
+             "fp32 FLOP limit (img/s) | fraction of fp32 FLOP limit | fraction of bf16 FLOP limit |",
+             "|---|---|---|---|---|---|---|---|---|"]
     for row, seconds, images_per_s in zip(rows, latency, rate):
-        limit = peak / (FLOPS_PER_MAC * row.macs)
+        limit = peaks[FP32] / (FLOPS_PER_MAC * row.macs)
+        own = f"{images_per_s * FLOPS_PER_MAC * row.macs / peaks[BF16]:.2f}" if row.precision == BF16 else "—"
         backend = f"**{row.backend}** (default)" if row.backend == default and row.label.startswith("ours") \
             else row.backend
         lines.append(f"| {row.label} | {backend} | {seconds * 1e3:.1f} | {images_per_s:.1f} | "
                      f"{images_per_s / rate[0]:.2f} | {images_per_s / rate[1]:.2f} | {limit:.1f} | "
-                     f"{images_per_s / limit:.2f} |")
-    default_row = next(i for i, row in enumerate(rows) if row.backend == default and row.label.startswith("ours"))
-    achieved = {"× ONNX Runtime on timm L1": rate[default_row] / rate[1], "× timm eager": rate[default_row] / rate[0],
-                "fraction of FLOP limit": rate[default_row] * FLOPS_PER_MAC * rows[default_row].macs / peak}
+                     f"{images_per_s / limit:.2f} | {own} |")
+    i = next(i for i, row in enumerate(rows) if row.backend == default and row.label.startswith("ours"))
+    achieved = {"× ONNX Runtime on timm L1": rate[i] / rate[1], "× timm eager": rate[i] / rate[0],
+                "fraction of FLOP limit": rate[i] * FLOPS_PER_MAC * rows[i].macs / peaks[FP32]}
     lines.append("")
     lines += [f"default ({default}): {value:.2f} {name} (goal ≥ {GOALS[name]}: {'met' if value >= GOALS[name] else 'NOT met'})"
               for name, value in achieved.items()]
+    if rows[i].precision == BF16:
+        lines.append(f"default ({default}): {rate[i] * FLOPS_PER_MAC * rows[i].macs / peaks[BF16]:.2f} of the bf16 "
+                     "FLOP limit (its precision's own; no goal set)")
     return "\n".join(lines)
 
 
@@ -205,15 +238,17 @@ def main(argv: list[str] | None = None) -> int:
         rows = main_table + attention
         latency = fastest_times(rows, 1, args.rounds, clock)
         rate = [args.batch_size / t for t in fastest_times(rows, args.batch_size, args.rounds, clock)]
-    peak = matmul_peak_flops(clock)
-    default = choose_backend("auto", torch.device("cpu"))
+    peaks = {FP32: matmul_peak_flops(clock), BF16: matmul_peak_flops(clock, torch.bfloat16)}
+    default = runner_label(*choose_backend("auto", torch.device("cpu")))
     n = len(main_table)
     header = (f"CPU: {_cpu_name()} ({os.cpu_count()} logical cores), {torch.get_num_threads()} threads, "
               f"torch {torch.__version__}, timm {timm.__version__}; img/s at batch {args.batch_size}, latency at "
-              f"batch 1; fastest of {args.rounds} interleaved rounds; {args.clock} clock; fp32 matmul peak "
-              f"{peak / 1e9:.0f} GFLOP/s ({MATMUL_N}² torch.matmul); load average before the run "
+              f"batch 1; fastest of {args.rounds} interleaved rounds; {args.clock} clock; matmul peak "
+              f"{peaks[FP32] / 1e9:.0f} GFLOP/s fp32, {peaks[BF16] / 1e9:.0f} bf16 ({MATMUL_N}² torch.matmul; "
+              f"bf16 matrix units (AMX): {'yes' if has_bf16_matrix_units(torch.device('cpu')) else 'no'}); "
+              f"load average before the run "
               f"{load_before:.1f}")
-    text = "\n\n".join([header, format_main(main_table, latency[:n], rate[:n], peak, default),
+    text = "\n\n".join([header, format_main(main_table, latency[:n], rate[:n], peaks, default),
                         "Attention at /16:", format_attention(attention, latency[n:], rate[n:])])
     print(text)
     if args.out:

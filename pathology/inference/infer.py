@@ -42,6 +42,7 @@ from pathology.inference.predict import (
     Predictor,
     RunOptions,
     add_backend_option,
+    add_precision_option,
     add_tta_option,
     make_predictor,
     start_devices,
@@ -212,7 +213,8 @@ def _summary(checkpoint: Path, checkpoint_hash: str, setup: _Setup, table: pd.Da
         "checkpoint": str(checkpoint), "checkpoint_hash": checkpoint_hash, "model_name": spec.model_name,
         "mhsa_blocks": spec.mhsa_blocks, "class_names": list(spec.class_names), "resolution": str(spec.resolution),
         "tile_mpp": spec.tile_mpp, "match": setup.match, "tile_size": spec.tile_size, "img_size": spec.img_size,
-        "backend": setup.predictor.runner.backend, "tta": setup.predictor.tta,
+        "backend": setup.predictor.runner.backend, "precision": setup.predictor.runner.precision,
+        "tta": setup.predictor.tta,
         "aggregations": [str(a) for a in aggregations],
         "label_aggregation": str(aggregations[0]) if calibration is None else CALIBRATED,
         "calibration": None if calibration is None else asdict(calibration),
@@ -281,11 +283,11 @@ def infer_slides(checkpoint: str | Path, slides: Sequence[str | Path], out_dir: 
     tiling = {"tiles_dir": Path(tiles_dir) if tiles_dir else out_dir / "tiles", "min_tissue": min_tissue,
               "match": used, "allow_upsample": allow_upsample}
     tta = spec.tta if tta is None else tta
-    settings = _settings(methods, loaded, tiling, extras, run.precision, tta)
-    keys = {job.slide_id: run_key(checkpoint_hash, settings, job.slide_path, job.mpp) for job in jobs}
     fabric = start_devices(run)
-    setup = _Setup(out_dir, spec, used, tuple(methods), loaded, extras,
-                   make_predictor(model, fabric, extras.embeddings, run.backend, checkpoint.parent, tta))
+    predictor = make_predictor(model, fabric, extras.embeddings, run.backend, checkpoint.parent, tta, run.precision)
+    settings = _settings(methods, loaded, tiling, extras, predictor.runner.precision, tta)  # "auto" resolved
+    keys = {job.slide_id: run_key(checkpoint_hash, settings, job.slide_path, job.mpp) for job in jobs}
+    setup = _Setup(out_dir, spec, used, tuple(methods), loaded, extras, predictor)
     share = jobs[fabric.global_rank::fabric.world_size]
     try:
         n_tiles = _predict_share(share, keys, setup, tiling, run, run.progress_bar and fabric.global_rank == 0)
@@ -332,7 +334,7 @@ def _parser() -> argparse.ArgumentParser:
     run.add_argument("--devices", default=RunOptions.devices, help="number of devices, or 'auto'")
     run.add_argument("--num-nodes", type=int, default=RunOptions.num_nodes)
     run.add_argument("--strategy", default=RunOptions.strategy, help="e.g. ddp")
-    run.add_argument("--precision", default=RunOptions.precision, help="e.g. bf16-mixed on GPUs")
+    add_precision_option(run)
     add_backend_option(run)
     add_tta_option(run)
     run.add_argument("--shard", type=parse_shard, metavar="I/N",

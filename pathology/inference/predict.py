@@ -2,9 +2,9 @@
 
 ``pathology predict-tiles`` (a folder or CSV of tile images) and ``pathology infer`` (slides,
 streamed one at a time) both go through a :class:`Predictor`: the model in its fastest form on
-this process's device (:func:`~pathology.models.optimize_for_inference`: ONNX Runtime on a CPU
-by default, the fused torch model on a GPU; ``--backend`` forces one), called under the run's
-precision, and with TTA on the 8 dihedral views of each batch (:mod:`pathology.models.tta`),
+this process's device (:func:`~pathology.models.optimize_for_inference`: on a CPU ONNX Runtime
+at fp32, or OpenVINO at bf16 where the CPU has AMX; the fused torch model on a GPU;
+``--backend`` and ``--precision`` force them), and with TTA on the 8 dihedral views of each batch (:mod:`pathology.models.tta`),
 whatever the backend.
 Devices come from Lightning Fabric, which launches one process per device for DDP and gives
 each its rank; no Trainer, so no banners and no inner progress bars. :meth:`Predictor.predict`
@@ -13,11 +13,10 @@ is the only place the model is called.
 from __future__ import annotations
 
 import argparse
-import contextlib
 import logging
 import os
-from collections.abc import Callable, Iterator
-from dataclasses import dataclass, field
+from collections.abc import Iterator
+from dataclasses import dataclass
 from datetime import timedelta
 from pathlib import Path
 
@@ -33,10 +32,18 @@ from tqdm import tqdm
 from pathology.checkpoint import ModelSpec
 from pathology.data import BatchNormalizer, TileDataset, resize_transform
 from pathology.models.export import ExportError
-from pathology.models.runtime import BACKENDS, BackendUnavailable, InferenceRunner, optimize_for_inference
+from pathology.models.runtime import (
+    BACKENDS,
+    PRECISIONS,
+    BackendUnavailable,
+    InferenceRunner,
+    UnsupportedRun,
+    optimize_for_inference,
+)
 from pathology.models.tta import mean_over_views
 
-__all__ = ["RunOptions", "TilePredictions", "Predictor", "RUNNER_ERRORS", "add_backend_option", "add_tta_option",
+__all__ = ["RunOptions", "TilePredictions", "Predictor", "RUNNER_ERRORS", "add_backend_option", "add_precision_option",
+           "add_tta_option",
            "start_devices", "make_predictor", "batches", "predict_tiles"]
 
 log = logging.getLogger(__name__)
@@ -48,7 +55,7 @@ DEFAULT_WORKERS = min(4, max(0, (os.cpu_count() or 1) - 2))
 # finish its share hours before the last one (gloo/NCCL default: 30 minutes).
 RANK_WAIT = timedelta(days=7)
 # What making the runner can raise for a run-wide reason (a CLI's one-line error, before any slide)
-RUNNER_ERRORS = (BackendUnavailable, ExportError)
+RUNNER_ERRORS = (BackendUnavailable, UnsupportedRun, ExportError)
 
 
 @dataclass(frozen=True)
@@ -62,7 +69,9 @@ class RunOptions:
         accelerator: ``auto``, ``cpu``, ``gpu``, ...
         devices: number of devices (or ``auto``); more than one predicts with DDP.
         strategy: Lightning strategy, e.g. ``ddp``; ``auto`` picks one.
-        precision: ``32-true``, or e.g. ``bf16-mixed`` / ``16-mixed`` on GPUs.
+        precision: ``auto`` (bf16 where the device has bf16 matrix units: GPUs, CPUs with AMX;
+            else fp32), ``32-true`` (the eager function), ``bf16-mixed``, ``16-mixed`` (GPUs); see
+            :func:`~pathology.models.runtime.choose_backend`.
         num_nodes: machines taking part.
         progress_bar: show the progress bar (over slides, or over batches of tile images).
         backend: what runs the model: ``auto`` (the fastest installed for the device), ``torch``,
@@ -74,7 +83,7 @@ class RunOptions:
     accelerator: str = "auto"
     devices: int | str = 1
     strategy: str = "auto"
-    precision: str = "32-true"
+    precision: str = "auto"
     num_nodes: int = 1
     progress_bar: bool = True
     backend: str = "auto"
@@ -95,18 +104,16 @@ class TilePredictions:
 
 @dataclass
 class Predictor:
-    """A classifier on this process's device, called under the run's precision.
+    """A classifier on this process's device.
 
     Attributes:
-        runner: the classifier in its fastest form (:func:`~pathology.models.optimize_for_inference`).
-        autocast: the precision context (Fabric's), entered around every forward pass.
+        runner: the classifier in its fastest form and precision (:func:`~pathology.models.optimize_for_inference`).
         embeddings: also return the pooled features.
         tta: average the softmax probabilities (and the features) over the 8 dihedral views of
             each tile; the runner sees one view at a time, so 8 passes of the batch size.
     """
 
     runner: InferenceRunner
-    autocast: Callable[[], contextlib.AbstractContextManager] = field(default=contextlib.nullcontext)
     embeddings: bool = False
     tta: bool = False
 
@@ -125,8 +132,7 @@ class Predictor:
 
     def _probs_and_embeddings(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """(B, C) softmax probabilities and (B, D) features, float32, from one forward pass."""
-        with self.autocast():
-            logits, pooled = self.runner.logits_and_embeddings(images)
+        logits, pooled = self.runner.logits_and_embeddings(images)
         return logits.float().softmax(dim=1), pooled.float()
 
 
@@ -134,6 +140,13 @@ def add_backend_option(parser: argparse.ArgumentParser | argparse._ArgumentGroup
     """``--backend``, shared by ``pathology infer`` and ``pathology predict-tiles``."""
     parser.add_argument("--backend", choices=("auto", *BACKENDS), default=RunOptions.backend,
                         help="what runs the model (auto: ONNX Runtime on a CPU, torch on a GPU)")
+
+
+def add_precision_option(parser: argparse.ArgumentParser | argparse._ArgumentGroup) -> None:
+    """``--precision``, shared by ``pathology infer`` and ``pathology predict-tiles``."""
+    parser.add_argument("--precision", choices=PRECISIONS, default=RunOptions.precision,
+                        help="auto: bf16-mixed where the hardware has bf16 matrix units (GPUs, CPUs with AMX; "
+                             "probabilities within ~1e-2 of fp32), else 32-true (the exact function)")
 
 
 def add_tta_option(parser: argparse.ArgumentParser | argparse._ArgumentGroup) -> None:
@@ -147,18 +160,19 @@ def add_tta_option(parser: argparse.ArgumentParser | argparse._ArgumentGroup) ->
 def start_devices(options: RunOptions) -> Fabric:
     """Starts Lightning Fabric: launches the DDP processes when asked for, and gives each its rank.
 
-    With ``strategy="ddp"`` the processes wait for each other for up to :data:`RANK_WAIT`.
+    With ``strategy="ddp"`` the processes wait for each other for up to :data:`RANK_WAIT`. The
+    precision is the runner's (:func:`make_predictor`), not Fabric's, so runtimes honour it too.
     """
     strategy = DDPStrategy(timeout=RANK_WAIT) if options.strategy == "ddp" else options.strategy
     fabric = Fabric(accelerator=options.accelerator, devices=options.devices, strategy=strategy,
-                    num_nodes=options.num_nodes, precision=options.precision)
+                    num_nodes=options.num_nodes)
     fabric.launch()
     return fabric
 
 
 def make_predictor(model: nn.Module, fabric: Fabric, embeddings: bool = False, backend: str = "auto",
-                   cache_dir: Path | None = None, tta: bool = False) -> Predictor:
-    """The model in its fastest form on ``fabric``'s device, with its precision.
+                   cache_dir: Path | None = None, tta: bool = False, precision: str = "auto") -> Predictor:
+    """The model in its fastest form on ``fabric``'s device.
 
     Args:
         model: the classifier (left unchanged).
@@ -168,15 +182,17 @@ def make_predictor(model: nn.Module, fabric: Fabric, embeddings: bool = False, b
         cache_dir: where an exported graph is kept (the checkpoint's folder); None, or a folder
             this process cannot write: the user cache.
         tta: average over the 8 dihedral views of each tile (see :class:`Predictor`).
+        precision: see :attr:`RunOptions.precision`.
 
     Raises:
         BackendUnavailable: a forced backend whose package is not installed.
+        UnsupportedRun: a backend or precision the device cannot run.
         ExportError: the ONNX export failed.
     """
     writable = cache_dir is not None and os.access(cache_dir, os.W_OK)
-    runner = optimize_for_inference(model.to(fabric.device).eval(), backend=backend,
-                                    cache_dir=cache_dir if writable else None, autocast=False)
-    return Predictor(runner, fabric.autocast, embeddings, tta)
+    runner = optimize_for_inference(model.to(fabric.device).eval(), backend=backend, precision=precision,
+                                    cache_dir=cache_dir if writable else None)
+    return Predictor(runner, embeddings, tta)
 
 
 def tile_dataset(table: pd.DataFrame, spec: ModelSpec) -> TileDataset:

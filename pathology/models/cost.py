@@ -33,7 +33,8 @@ class ModelInfo:
         latency_ms: median wall time of a batch of 1, in milliseconds.
         throughput: images per second at ``batch_size`` (from the median time of a batch).
         batch_size: batch used for ``throughput``.
-        backend: what ran the model (``runner.backend`` of :func:`~pathology.models.optimize_for_inference`).
+        backend: what ran the model and at which precision (``runner.label`` of
+            :func:`~pathology.models.optimize_for_inference`, e.g. ``openvino bf16-mixed``).
     """
 
     params: int
@@ -67,8 +68,8 @@ def count_macs(model: nn.Module, img_size: tuple[int, int]) -> int:
     return counter.get_total_flops() // FLOPS_PER_MAC
 
 
-def measure(model: nn.Module, img_size: tuple[int, int], *, backend: str = "auto", batch_size: int = 32,
-            repeats: int = 5, cache_dir: str | Path | None = None) -> ModelInfo:
+def measure(model: nn.Module, img_size: tuple[int, int], *, backend: str = "auto", precision: str = "auto",
+            batch_size: int = 32, repeats: int = 5, cache_dir: str | Path | None = None) -> ModelInfo:
     """Counts parameters and MACs of ``model``; times it through :func:`~pathology.models.optimize_for_inference`.
 
     Args:
@@ -76,6 +77,7 @@ def measure(model: nn.Module, img_size: tuple[int, int], *, backend: str = "auto
         img_size: input ``(H, W)`` in px.
         backend: ``"auto"`` (the fastest installed for the model's device), ``"torch"``, ``"onnxruntime"``
             or ``"openvino"``.
+        precision: ``"auto"``, ``"32-true"``, ``"bf16-mixed"`` (see :func:`~pathology.models.optimize_for_inference`).
         batch_size: images per batch for the throughput measurement.
         repeats: timed runs per measurement (the median is kept), after one warm-up run.
         cache_dir: where a runtime backend's exported graph is kept (pass the checkpoint's folder, so
@@ -85,12 +87,12 @@ def measure(model: nn.Module, img_size: tuple[int, int], *, backend: str = "auto
         The :class:`ModelInfo`.
 
     Raises:
-        ValueError, BackendUnavailable, ExportError: see :func:`~pathology.models.optimize_for_inference`.
+        ValueError, UnsupportedRun, BackendUnavailable, ExportError: see :func:`~pathology.models.optimize_for_inference`.
     """
     params = sum(p.numel() for p in model.parameters())
     macs = count_macs(model, img_size)
-    runner = optimize_for_inference(model, backend=backend, img_size=img_size, cache_dir=cache_dir)
+    runner = optimize_for_inference(model, backend=backend, precision=precision, img_size=img_size, cache_dir=cache_dir)
     batch = torch.randn(batch_size, 3, *img_size, generator=torch.Generator().manual_seed(0)).to(runner.device)
     latency = median_seconds(runner, batch[:1], repeats)
     throughput = batch_size / median_seconds(runner, batch, repeats)
-    return ModelInfo(params, macs, latency * 1e3, throughput, batch_size, runner.backend)
+    return ModelInfo(params, macs, latency * 1e3, throughput, batch_size, runner.label)

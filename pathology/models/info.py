@@ -21,7 +21,7 @@ from pathology.models.efficientformer import ACT_LAYERS, create_model, list_mode
 from pathology.models.export import ExportError
 from pathology.models.latency import format_table, measure_latency, write_json
 from pathology.models.mhsa import MhsaBlocks
-from pathology.models.runtime import BACKENDS, BackendUnavailable
+from pathology.models.runtime import BACKENDS, PRECISIONS, BackendUnavailable
 
 __all__ = ["main"]
 
@@ -41,6 +41,8 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument("--backend", choices=("auto", *BACKENDS), default="auto",
                         help="what runs the timed model, and with --latency the whole call (default: the fastest "
                              "installed, as inference uses)")
+    parser.add_argument("--precision", choices=PRECISIONS, default="auto",
+                        help="of the timed model: auto (bf16-mixed where the CPU has AMX), 32-true, bf16-mixed")
     parser.add_argument("--json", type=Path, default=None, help="with --latency: also write the table as JSON here")
     return parser
 
@@ -55,8 +57,10 @@ def main(argv: list[str]) -> int:
         size = (args.img_size[0], args.img_size[-1])
         model = create_model(args.name, mhsa_blocks=mhsa, num_classes=args.num_classes, img_size=size,
                              act_layer=args.act_layer)
-        report = measure_latency(model, size, backend=args.backend, repeats=args.repeats) if args.latency else None
-        info = measure(model, size, backend=args.backend, batch_size=args.batch_size, repeats=args.repeats)
+        report = measure_latency(model, size, backend=args.backend, precision=args.precision,
+                                 repeats=args.repeats) if args.latency else None
+        info = measure(model, size, backend=args.backend, precision=args.precision, batch_size=args.batch_size,
+                       repeats=args.repeats)
     except (ValueError, BackendUnavailable, ExportError) as err:
         print(f"pathology model-info: {err}", file=sys.stderr)
         return 2

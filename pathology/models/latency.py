@@ -72,7 +72,8 @@ class LatencyReport:
         activations: activation name -> (eager ms, eager share, optimised ms, optimised share),
             summed over every activation module of the model.
         eager_ms, optimised_ms: the whole forward pass, eager and fused torch form.
-        backend: the backend :func:`~pathology.models.optimize_for_inference` chose or was told.
+        backend: the backend (and precision below fp32) :func:`~pathology.models.optimize_for_inference`
+            chose or was told, e.g. ``openvino bf16-mixed``.
         backend_ms: the whole call through that backend.
     """
 
@@ -176,14 +177,14 @@ def _params(model: nn.Module) -> list[int]:
     return [*units, sum(p.numel() for p in model.parameters()) - sum(units)]
 
 
-def measure_latency(model: nn.Module, img_size: tuple[int, int], *, backend: str = "auto", repeats: int = 5,
-                    cache_dir: str | Path | None = None) -> LatencyReport:
+def measure_latency(model: nn.Module, img_size: tuple[int, int], *, backend: str = "auto", precision: str = "auto",
+                    repeats: int = 5, cache_dir: str | Path | None = None) -> LatencyReport:
     """Times every block and activation of ``model`` (left unchanged) at batch 1 on the CPU.
 
     Args:
         model: an EfficientFormer from :func:`~pathology.models.create_model`.
         img_size: input ``(H, W)`` in px (the size the model was built for).
-        backend: whose whole-call time to add (see :func:`~pathology.models.optimize_for_inference`).
+        backend, precision: whose whole-call time to add (see :func:`~pathology.models.optimize_for_inference`).
         repeats: timed calls per figure (medians kept), after one warm-up call.
         cache_dir: where a runtime backend's exported graph is cached.
 
@@ -198,7 +199,7 @@ def measure_latency(model: nn.Module, img_size: tuple[int, int], *, backend: str
                    if any(type(m) is resolve_act_layer(name) for m in model.modules())}
     eager_units, eager_acts, eager_total = _median_times(model, x, activations, repeats)
     fused_units, fused_acts, fused_total = _median_times(fused, x, activations, repeats)
-    runner = optimize_for_inference(model, backend=backend, img_size=img_size, cache_dir=cache_dir)
+    runner = optimize_for_inference(model, backend=backend, precision=precision, img_size=img_size, cache_dir=cache_dir)
     backend_seconds = median_seconds(runner, x, repeats)
     names = [(name, kind, stride) for name, kind, stride, _ in _units(model)] + [(HEAD, HEAD, STAGE_STRIDES[-1])]
     # shares of the sum of the blocks' medians, so they sum to 1 (the median of the whole differs slightly)
@@ -210,7 +211,7 @@ def measure_latency(model: nn.Module, img_size: tuple[int, int], *, backend: str
                    fused_acts[name] * 1e3, fused_acts[name] / fused_sum) for name in activations}
     model.train(was_training)
     return LatencyReport(img_size, torch.get_num_threads(), blocks, acts, eager_total * 1e3, fused_total * 1e3,
-                         runner.backend, backend_seconds * 1e3)
+                         runner.label, backend_seconds * 1e3)
 
 
 def write_json(report: LatencyReport, path: str | Path) -> Path:

@@ -80,7 +80,7 @@ class PoolingBlockLerp(nn.Module):
         self.ls2 = block.ls2
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x = torch.lerp(x, self.pool(x), self.gamma)
+        x = torch.lerp(x, self.pool(x), self.gamma.to(x.dtype))  # autocast leaves lerp's weight in fp32
         return x + self.ls2(self.mlp(x))
 
 

@@ -24,6 +24,7 @@ from pathology.inference.predict import (
     RUNNER_ERRORS,
     RunOptions,
     add_backend_option,
+    add_precision_option,
     add_tta_option,
     make_predictor,
     predict_tiles,
@@ -85,6 +86,7 @@ def _parser() -> argparse.ArgumentParser:
                         help="processes reading tiles while the model computes")
     parser.add_argument("--accelerator", default=RunOptions.accelerator, help="auto, cpu, gpu, ...")
     add_backend_option(parser)
+    add_precision_option(parser)
     add_tta_option(parser)
     parser.add_argument("--threshold", type=_threshold_arg, default=None, metavar="P|argmax",
                         help="two classes: predict the second class iff its probability >= P; 'argmax' ignores "
@@ -99,14 +101,15 @@ def tile_probabilities(model: nn.Module, spec: ModelSpec, table: pd.DataFrame, o
     Args:
         model, spec: from :func:`~pathology.checkpoint.load_inference_model`.
         table: tile table, as the tile sources make it.
-        options: devices, batch size, backend.
+        options: devices, batch size, backend, precision.
         tta: average over the 8 dihedral views of each tile.
         cache_dir: where the backend keeps an exported graph (the checkpoint's folder).
 
     Raises:
         TileDataError: an unreadable tile; a runner error (:data:`RUNNER_ERRORS`).
     """
-    predictor = make_predictor(model, start_devices(options), backend=options.backend, cache_dir=cache_dir, tta=tta)
+    predictor = make_predictor(model, start_devices(options), backend=options.backend, cache_dir=cache_dir, tta=tta,
+                               precision=options.precision)
     return predict_tiles(predictor, tile_dataset(table, spec), BatchNormalizer(spec.mean, spec.std), options).probs
 
 
@@ -117,7 +120,8 @@ def main(argv: list[str]) -> int:
         model, spec = load_inference_model(args.checkpoint)
         threshold, rule = _decision_rule(args.threshold, spec, args.checkpoint)
         table = _table(args.tiles, list(spec.class_names), args.image_root, args.path_column)
-        options = RunOptions(args.batch_size, args.num_workers, args.accelerator, backend=args.backend)
+        options = RunOptions(args.batch_size, args.num_workers, args.accelerator, precision=args.precision,
+                             backend=args.backend)
         tta = spec.tta if args.tta is None else args.tta
         probs = tile_probabilities(model, spec, table, options, tta, cache_dir=args.checkpoint.parent)
     except (CheckpointError, TileDataError, *RUNNER_ERRORS) as err:

@@ -13,11 +13,13 @@ import h5py
 import numpy as np
 import pandas as pd
 import pytest
+import torch
 
 from pathology.inference.calibrate import Calibration
 from pathology.inference.evaluate import main as evaluate_main
 from pathology.inference.infer import infer_slides, main
 from pathology.inference.predict import RunOptions
+from pathology.models.runtime import choose_backend
 from wsi_tiling import Resolution, TileReader, tile_slide
 
 SINGLE = RunOptions(batch_size=16, num_workers=1, accelerator="cpu")
@@ -28,13 +30,15 @@ MIXED_BLUE = 5 / 25  # one of the mixed slide's 5 tile columns is blue
 
 @pytest.fixture(scope="module")
 def run(two_class_set, tmp_path_factory) -> Path:
-    """One CLI run over the folder, the coarse slide and a missing slide, with every extra output."""
+    """One CLI run over the folder, the coarse slide and a missing slide, with every extra output, at fp32
+    (the exact function, so features can be compared with the eager model's)."""
     out = tmp_path_factory.mktemp("run")
     data = two_class_set
     code = main([str(data.slides), str(data.slide["coarse"]), str(data.root / "gone.svs"),
                  "--checkpoint", str(data.checkpoint), "--out", str(out), "--accelerator", "cpu",
                  "--batch-size", "16", "--num-workers", "1", "--aggregation", "mean,max", "--aggregation",
-                 "topk:0.1,quantile:0.5,vote", "--heatmaps", "--geojson", "--gallery", "2", "--embeddings"])
+                 "topk:0.1,quantile:0.5,vote", "--heatmaps", "--geojson", "--gallery", "2", "--embeddings",
+                 "--precision", "32-true"])
     assert code == 1  # two slides failed; the others finished
     return out
 
@@ -49,6 +53,7 @@ def test_statuses_and_errors_name_the_file(run) -> None:
     summary = json.loads((run / "summary.json").read_text())
     assert summary["counts"] == {"ok": 5, "no-tissue": 1, "error": 2}
     assert summary["n_tiles"] == 5 * TILES
+    assert (summary["backend"], summary["precision"]) == ("onnxruntime", "32-true")  # fp32's first runtime
 
 
 def test_slide_scores_match_the_known_composition(run) -> None:
@@ -125,8 +130,6 @@ class _Exploit:
 
 
 def _other_architecture(source: Path, path: Path) -> None:
-    import torch
-
     payload = torch.load(source, weights_only=True)
     payload["pathology_spec"]["model_name"] = "efficientformer_l3"
     torch.save(payload, path)
@@ -218,8 +221,6 @@ def test_lightning_checkpoint_of_the_training_module(two_class_set, tmp_path) ->
 
 
 def test_feature_file_reads_the_way_clam_and_trident_read_it(run, two_class_set) -> None:
-    import torch
-
     from pathology.checkpoint import load_inference_model
     from pathology.data import eval_transform
 
@@ -307,3 +308,22 @@ def test_tta_is_part_of_the_run_key(two_class_set, tmp_path) -> None:
     assert main([*common, "--tta"]) == 0
     assert prediction.stat().st_mtime_ns == with_tta
     assert pd.read_csv(out / "slides.csv")["mean_blue"].tolist() == pytest.approx([MIXED_BLUE], abs=1e-6)
+
+
+def test_the_precision_that_ran_is_part_of_the_run_key(two_class_set, tmp_path) -> None:
+    """``auto`` is recorded as what it resolved to here; a rerun at another precision redoes the slide,
+    the same one again (``auto`` or its resolution spelled out) skips it."""
+    out = tmp_path / "out"
+    common = [str(two_class_set.slide["mixed"]), "--checkpoint", str(two_class_set.checkpoint), "--out", str(out),
+              "--accelerator", "cpu", "--aggregation", "mean", "--num-workers", "0", "--backend", "openvino"]
+    prediction = out / "predictions" / "mixed.h5"
+    assert main(common) == 0
+    resolved = json.loads((out / "summary.json").read_text())["precision"]
+    assert (resolved, "openvino") == choose_backend("openvino", torch.device("cpu"))[::-1]
+    first = prediction.stat().st_mtime_ns
+    assert main([*common, "--precision", resolved]) == 0
+    assert prediction.stat().st_mtime_ns == first
+    other = "32-true" if resolved == "bf16-mixed" else "bf16-mixed"
+    assert main([*common, "--precision", other]) == 0
+    assert prediction.stat().st_mtime_ns != first
+    assert json.loads((out / "summary.json").read_text())["precision"] == other

@@ -31,7 +31,7 @@ def test_tta_averages_probabilities_and_embeddings_over_the_views(backend: str, 
         outputs = [LogitsAndEmbeddings(model)(view) for view in _by_hand(x)]
     expected_probs = torch.stack([logits.softmax(dim=1) for logits, _ in outputs]).mean(dim=0).numpy()
     expected_embeddings = torch.stack([emb for _, emb in outputs]).mean(dim=0).numpy()
-    runner = optimize_for_inference(model, backend=backend, cache_dir=tmp_path)
+    runner = optimize_for_inference(model, backend=backend, precision="32-true", cache_dir=tmp_path)
     probs, embeddings = Predictor(runner, embeddings=True, tta=True).predict(x)
     plain, _ = Predictor(runner).predict(x)
     np.testing.assert_allclose(probs, expected_probs, atol=1e-4)

@@ -1,4 +1,5 @@
-"""pathology/models/runtime.py: every backend computes the eager function; choice, errors, export cache."""
+"""pathology/models/runtime.py: every backend computes the eager function at fp32 and nearly it at bf16;
+choice of backend and precision, errors, export cache."""
 from __future__ import annotations
 
 import sys
@@ -10,9 +11,11 @@ import torch
 from torch import nn
 
 from pathology.models import create_model, export, optimize_for_inference
-from pathology.models.runtime import BackendUnavailable, choose_backend
+from pathology.models import runtime
+from pathology.models.runtime import BF16, FP32, BackendUnavailable, UnsupportedRun, choose_backend
 
 ATOL = 1e-4  # the interface's promise: float32 rounding of another operator order
+BF16_PROB_ATOL = 0.02  # bf16 keeps 8 bits of mantissa: probabilities move by ~1e-2 at most (docs/model.md)
 IMG = 64
 N_CLASSES = 3
 TINY_WIDTH = 128  # efficientformer_tiny's last stage: the embedding size
@@ -39,20 +42,33 @@ def cache_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 @pytest.mark.parametrize("backend", ["torch", "onnxruntime", "openvino"])
 def test_runner_equals_eager(backend: str, tiny: nn.Module, images: torch.Tensor, cache_dir: Path) -> None:
-    if backend == "openvino":
-        pytest.importorskip("openvino", reason="the optional [cpu-fast] extra is not installed")
     with torch.inference_mode():
         features = tiny.forward_features(images)
         expected_logits, expected_embeddings = tiny.forward_head(features), tiny.forward_head(features, pre_logits=True)
     assert expected_logits.std() > 0.1
-    runner = optimize_for_inference(tiny, backend=backend, cache_dir=cache_dir)
+    runner = optimize_for_inference(tiny, backend=backend, precision=FP32, cache_dir=cache_dir)
     logits, embeddings = runner.logits_and_embeddings(images)  # batch 5: not the export's trace batch of 2
-    assert runner.backend == backend
+    assert (runner.backend, runner.precision, runner.label) == (backend, FP32, backend)
     assert logits.dtype == embeddings.dtype == torch.float32
     assert embeddings.shape == (5, TINY_WIDTH)
     torch.testing.assert_close(logits, expected_logits, rtol=0, atol=ATOL)
     torch.testing.assert_close(embeddings, expected_embeddings, rtol=0, atol=ATOL)
     torch.testing.assert_close(runner(images[:1]), expected_logits[:1], rtol=0, atol=ATOL)
+
+
+@pytest.mark.parametrize("backend", ["torch", "openvino"])
+def test_bf16_runner_is_near_eager_and_not_equal(backend: str, tiny: nn.Module, images: torch.Tensor,
+                                                 cache_dir: Path) -> None:
+    """bf16-mixed is a different function: within 2e-2 in probability, but not the fp32 one. Forced, it
+    runs on any CPU (OpenVINO and autocast emulate bf16 where the CPU lacks it), so this holds everywhere."""
+    with torch.inference_mode():
+        expected = tiny(images).softmax(dim=1)
+    runner = optimize_for_inference(tiny, backend=backend, precision=BF16, cache_dir=cache_dir)
+    logits, embeddings = runner.logits_and_embeddings(images)
+    assert (runner.precision, runner.label) == (BF16, f"{backend} bf16-mixed")
+    assert logits.dtype == embeddings.dtype == torch.float32
+    difference = (logits.softmax(dim=1) - expected).abs().max().item()
+    assert 1e-6 < difference < BF16_PROB_ATOL
 
 
 def test_runner_names_the_size_it_takes(tiny: nn.Module) -> None:
@@ -61,13 +77,39 @@ def test_runner_names_the_size_it_takes(tiny: nn.Module) -> None:
         runner(torch.zeros(1, 3, 2 * IMG, 2 * IMG))
 
 
-def test_auto_takes_the_first_installed_runtime_on_cpu(monkeypatch: pytest.MonkeyPatch) -> None:
+@pytest.mark.parametrize("amx", [True, False])
+def test_auto_takes_bf16_where_the_cpu_has_matrix_units_and_the_first_installed_runtime(
+        amx: bool, monkeypatch: pytest.MonkeyPatch) -> None:
     cpu = torch.device("cpu")
-    assert choose_backend("auto", cpu) == "onnxruntime"
-    monkeypatch.setitem(sys.modules, "onnxruntime", None)  # makes `import onnxruntime` raise ImportError
-    monkeypatch.setitem(sys.modules, "openvino", None)
-    assert choose_backend("auto", cpu) == "torch"
-    assert choose_backend("auto", torch.device("cuda")) == "torch"
+    monkeypatch.setattr(runtime, "has_bf16_matrix_units", lambda device: amx)
+    assert choose_backend("auto", cpu) == (("openvino", BF16) if amx else ("onnxruntime", FP32))
+    assert choose_backend("auto", cpu, FP32) == ("onnxruntime", FP32)
+    assert choose_backend("onnxruntime", cpu) == ("onnxruntime", FP32)  # auto: the precision the backend runs
+    assert choose_backend("torch", cpu) == ("torch", FP32)  # torch's bf16 on the CPU is slower than a runtime's fp32
+    assert choose_backend("openvino", cpu) == ("openvino", BF16 if amx else FP32)
+    monkeypatch.setitem(sys.modules, "openvino", None)  # makes `import openvino` raise ImportError
+    assert choose_backend("auto", cpu) == ("onnxruntime", FP32)
+    assert choose_backend("auto", cpu, BF16) == ("torch", BF16)
+    monkeypatch.setitem(sys.modules, "onnxruntime", None)
+    assert choose_backend("auto", cpu) == ("torch", FP32)
+    assert choose_backend("auto", torch.device("cuda")) == ("torch", BF16)
+    assert choose_backend("auto", torch.device("cuda"), FP32) == ("torch", FP32)
+
+
+@pytest.mark.parametrize(("backend", "precision", "device", "message"), [
+    ("onnxruntime", BF16, "cpu", "'onnxruntime' runs only 32-true on the CPU"),
+    ("auto", "16-mixed", "cpu", "'16-mixed' runs on GPUs only"),
+    ("openvino", "auto", "cuda", "runs on the CPU but the model is on cuda"),
+])
+def test_a_combination_the_device_cannot_run_says_why(backend: str, precision: str, device: str,
+                                                      message: str) -> None:
+    with pytest.raises(UnsupportedRun, match=message):
+        choose_backend(backend, torch.device(device), precision)
+
+
+def test_unknown_precision_lists_the_choices(tiny: nn.Module) -> None:
+    with pytest.raises(ValueError, match="'fp8' is not one of auto, 32-true, bf16-mixed, 16-mixed"):
+        optimize_for_inference(tiny, precision="fp8")
 
 
 @pytest.mark.parametrize("backend", ["onnxruntime", "openvino"])

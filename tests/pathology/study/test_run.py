@@ -11,7 +11,7 @@ import torch
 
 from pathology.checkpoint import load_checkpoint
 from pathology.models import create_model
-from pathology.models.runtime import choose_backend
+from pathology.models.runtime import choose_backend, runner_label
 from pathology.study.grid import load_study
 from pathology.study.run import RESULT_JSON, StudyError, main, read_slides, run_study
 
@@ -41,7 +41,7 @@ def test_every_cell_is_trained_evaluated_and_timed(tiny_study) -> None:
     assert written["field_um"].tolist() == pytest.approx([128.0, 128.0])
     assert (out / "report.md").read_text().count("| chromatin | 2.5x | 4 | 32:1 | gelu | 32 | 128 | 2 |") == 1
     # timed through the backend inference takes by default on this machine's CPU
-    assert written["backend"].tolist() == [choose_backend("auto", torch.device("cpu"))] * 2
+    assert written["backend"].tolist() == [runner_label(*choose_backend("auto", torch.device("cpu")))] * 2
     assert written["act_layer"].tolist() == ["gelu", "gelu"]
 
 
