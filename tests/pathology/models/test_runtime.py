@@ -71,6 +71,21 @@ def test_bf16_runner_is_near_eager_and_not_equal(backend: str, tiny: nn.Module, 
     assert 1e-6 < difference < BF16_PROB_ATOL
 
 
+@pytest.mark.parametrize("backend", ["onnxruntime", "openvino"])
+def test_a_batch_runs_as_parallel_streams_and_equals_image_by_image(backend: str, tiny: nn.Module,
+                                                                   images: torch.Tensor, cache_dir: Path,
+                                                                   monkeypatch: pytest.MonkeyPatch) -> None:
+    runner = optimize_for_inference(tiny, backend=backend, precision=FP32, cache_dir=cache_dir, threads=2)
+    assert runner.streams == 2
+    split: list[list[int]] = []
+    real = runner._run_parts
+    monkeypatch.setattr(runner, "_run_parts", lambda parts: split.append([len(p) for p in parts]) or real(parts))
+    batch = runner(images)
+    one_by_one = torch.cat([runner(images[i:i + 1]) for i in range(len(images))])  # single images: all threads
+    assert split == [[3, 2]]
+    torch.testing.assert_close(batch, one_by_one, rtol=0, atol=1e-5)
+
+
 def test_runner_names_the_size_it_takes(tiny: nn.Module) -> None:
     runner = optimize_for_inference(tiny, backend="torch")
     with pytest.raises(ValueError, match=f"3, {IMG}, {IMG}"):
