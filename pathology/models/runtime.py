@@ -39,7 +39,7 @@ BACKENDS = ("torch", "onnxruntime", "openvino")
 PRECISIONS = ("auto", "32-true", "bf16-mixed", "16-mixed")
 FP32, BF16, FP16 = PRECISIONS[1:]
 # CPU order of "auto" per precision, from the benchmark in docs/model.md: at fp32 ONNX Runtime was
-# fastest at batch 1 and OpenVINO at batch 32; at bf16 OpenVINO ran 3.2x ONNX Runtime's fp32
+# fastest at batch 1 and OpenVINO at batch 32; at bf16 OpenVINO ran 3.5x ONNX Runtime's fp32
 # (ONNX Runtime has no bf16 CPU kernels). Both runtimes are core dependencies.
 CPU_PREFERENCE = {FP32: ("onnxruntime", "openvino", "torch"), BF16: ("openvino", "torch")}
 INSTALL_HINT = {"onnxruntime": "pip install onnxruntime", "openvino": "pip install openvino"}
