@@ -35,7 +35,7 @@ from pathology.atomic import atomic_path
 from pathology.checkpoint import CheckpointError, load_inference_model, rewrite_spec, save_ensemble_checkpoint
 from pathology.data import TEST_FOLD, SplitError, TileDataError
 from pathology.data.sources import read_table
-from pathology.inference.predict import RUNNER_ERRORS, RunOptions, add_backend_option
+from pathology.inference.predict import RUNNER_ERRORS, RunOptions, add_backend_option, add_precision_option
 from pathology.io import read_torch_file
 from pathology.training.fit import check_config, fit
 from pathology.training.metrics import classification_metrics, youden_tile_threshold
@@ -271,10 +271,11 @@ def main(argv: list[str]) -> int:
     parser.add_argument("--no-final", dest="final", action="store_false", help="skip the final fit on train + val")
     parser.add_argument("--no-ensemble", dest="ensemble", action="store_false", help="skip ensemble.ckpt")
     add_backend_option(parser)
+    add_precision_option(parser)
     args, train_args = parser.parse_known_args(argv)
     try:
         result = cross_validate(train_args, args.out, final=args.final, ensemble=args.ensemble,
-                                options=RunOptions(backend=args.backend))
+                                options=RunOptions(backend=args.backend, precision=args.precision))
     except SystemExit as stop:  # --help and --print_config of the training arguments exit from their parser
         return int(stop.code or 0)
     except (ArgumentError, TileDataError, NonFiniteLossError, CheckpointError, *RUNNER_ERRORS) as err:

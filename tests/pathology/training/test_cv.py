@@ -33,7 +33,7 @@ def cv_run(tile_folder: Path, tmp_path_factory: pytest.TempPathFactory) -> tuple
             "--data.split_csv", str(root / "splits.csv"), "--data.n_folds", str(N_FOLDS),
             "--model.model_name", "efficientformer_tiny", "--model.mhsa_blocks", "32:1",
             "--model.decision_rule", "youden"]
-    assert main(["--out", str(root / "out"), "--backend", "torch", *args]) == 0
+    assert main(["--out", str(root / "out"), "--backend", "torch", "--precision", "32-true", *args]) == 0
     return args, root
 
 
