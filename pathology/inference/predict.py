@@ -4,8 +4,8 @@
 streamed one at a time) both go through a :class:`Predictor`: the model in its fastest form on
 this process's device (:func:`~pathology.models.optimize_for_inference`: on a CPU ONNX Runtime
 at fp32, or OpenVINO at bf16 where the CPU has AMX; the fused torch model on a GPU;
-``--backend`` and ``--precision`` force them), and with TTA on the 8 dihedral views of each batch (:mod:`pathology.models.tta`),
-whatever the backend.
+``--backend`` and ``--precision`` force them), and with TTA on the 8 dihedral views of each
+batch (:mod:`pathology.models.tta`), whatever the backend.
 Devices come from Lightning Fabric, which launches one process per device for DDP and gives
 each its rank; no Trainer, so no banners and no inner progress bars. :meth:`Predictor.predict`
 is the only place the model is called.
@@ -139,11 +139,12 @@ class Predictor:
 def add_backend_option(parser: argparse.ArgumentParser | argparse._ArgumentGroup) -> None:
     """``--backend``, shared by ``pathology infer`` and ``pathology predict-tiles``."""
     parser.add_argument("--backend", choices=("auto", *BACKENDS), default=RunOptions.backend,
-                        help="what runs the model (auto: ONNX Runtime on a CPU, torch on a GPU)")
+                        help="what runs the model (auto: the fastest installed for the device and precision: on a "
+                             "CPU OpenVINO at bf16, ONNX Runtime at fp32; torch on a GPU)")
 
 
 def add_precision_option(parser: argparse.ArgumentParser | argparse._ArgumentGroup) -> None:
-    """``--precision``, shared by ``pathology infer`` and ``pathology predict-tiles``."""
+    """``--precision``, shared by ``pathology infer``, ``predict-tiles`` and ``cv``."""
     parser.add_argument("--precision", choices=PRECISIONS, default=RunOptions.precision,
                         help="auto: bf16-mixed where the hardware has bf16 matrix units (GPUs, CPUs with AMX; "
                              "probabilities within ~1e-2 of fp32), else 32-true (the exact function)")

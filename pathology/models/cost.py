@@ -87,7 +87,8 @@ def measure(model: nn.Module, img_size: tuple[int, int], *, backend: str = "auto
         The :class:`ModelInfo`.
 
     Raises:
-        ValueError, UnsupportedRun, BackendUnavailable, ExportError: see :func:`~pathology.models.optimize_for_inference`.
+        ValueError, UnsupportedRun, BackendUnavailable, ExportError: see
+            :func:`~pathology.models.optimize_for_inference`.
     """
     params = sum(p.numel() for p in model.parameters())
     macs = count_macs(model, img_size)

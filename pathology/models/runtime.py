@@ -32,8 +32,8 @@ from torch import nn
 from pathology.models.export import INPUT_NAME, OUTPUT_NAMES, LogitsAndEmbeddings, cached_onnx, model_input_size
 from pathology.models.optimize import fuse_for_inference
 
-__all__ = ["BACKENDS", "BF16", "CPU_PREFERENCE", "FP16", "FP32", "PRECISIONS", "BackendUnavailable", "InferenceRunner", "UnsupportedRun",
-           "choose_backend", "has_bf16_matrix_units", "optimize_for_inference", "runner_label"]
+__all__ = ["BACKENDS", "BF16", "CPU_PREFERENCE", "FP16", "FP32", "PRECISIONS", "BackendUnavailable", "InferenceRunner",
+           "UnsupportedRun", "choose_backend", "has_bf16_matrix_units", "optimize_for_inference", "runner_label"]
 
 BACKENDS = ("torch", "onnxruntime", "openvino")
 PRECISIONS = ("auto", "32-true", "bf16-mixed", "16-mixed")
@@ -103,12 +103,9 @@ class TorchRunner(InferenceRunner):
     def __init__(self, model: nn.Module, img_size: tuple[int, int], *, precision: str, compile_model: bool) -> None:
         self.device = _device(model)
         self.img_size, self.precision = img_size, precision
-        self.autocast_dtype = None
-        if precision == BF16:  # CUDA without bf16 falls back to fp16, as Lightning's bf16-mixed does not
-            cuda_fp16 = self.device.type == "cuda" and not torch.cuda.is_bf16_supported()
-            self.autocast_dtype = torch.float16 if cuda_fp16 else torch.bfloat16
-        elif precision == FP16:
-            self.autocast_dtype = torch.float16
+        if precision == BF16 and self.device.type == "cuda" and not torch.cuda.is_bf16_supported():
+            self.precision = FP16  # a GPU without bf16 (where Lightning's bf16-mixed would fail)
+        self.autocast_dtype = {BF16: torch.bfloat16, FP16: torch.float16}.get(self.precision)
         module = LogitsAndEmbeddings(fuse_for_inference(model)).eval()
         self.module = torch.compile(module) if compile_model else module
 
@@ -127,7 +124,8 @@ class _StreamedRuntime(InferenceRunner):
     thread of the process (the slide reader of ``pathology infer``) takes a core, every thread
     waits for the one descheduled. On the 2-core VM, with a thread of numpy work beside it, L1 at
     batch 64 fell from 140 to 68 img/s that way (OpenVINO bf16), against 164 to 106 as two
-    one-thread streams, which were also faster alone (ONNX Runtime: 58 to 30, against 64 to 41). A batch of one cannot be split, so it takes the all-threads form.
+    one-thread streams, which were also faster alone (ONNX Runtime: 58 to 30, against 64 to 41).
+    A batch of one cannot be split, so it takes the all-threads form.
     Outputs equal the unsplit batch's (each image is computed on its own).
     """
 

@@ -39,7 +39,8 @@ def test_path_column_option_reads_a_manifest_with_file_paths(idc_setup, shared_d
     listing, checkpoint = idc_setup
     out = tmp_path / "pred.csv"
     assert main(["--checkpoint", str(checkpoint), "--tiles", str(listing), "--path-column", "file",
-                 "--image-root", str(shared_data), "--out", str(out), "--num-workers", "0", "--precision", "32-true"]) == 0
+                 "--image-root", str(shared_data), "--out", str(out), "--num-workers", "0",
+                 "--precision", "32-true"]) == 0
     pred = pd.read_csv(out)
     files = pd.read_csv(listing)["file"]
     assert pred["path"].tolist() == [str(shared_data / f) for f in files]
