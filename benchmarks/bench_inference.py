@@ -71,7 +71,8 @@ def cohort_csv(path: Path, slides: list[Path], n_slides: int) -> Path:
 
 def model_alone(checkpoint_model: torch.nn.Module, options: RunOptions, img_size: int, n_tiles: int) -> float:
     """Tiles/s of the predictor on in-memory normalised tensors, ``n_tiles`` tiles in batches."""
-    predictor = make_predictor(checkpoint_model, start_devices(options), backend=options.backend)
+    predictor = make_predictor(checkpoint_model, start_devices(options), backend=options.backend,
+                               precision=options.precision)
     batch = torch.randn(options.batch_size, 3, img_size, img_size)
     n_batches = -(-n_tiles // options.batch_size)
     for _ in range(WARM_UP_BATCHES):
@@ -134,7 +135,7 @@ def main() -> None:
         checkpoint = save_checkpoint(workdir / "model.ckpt", model, spec)
         start = time.perf_counter()  # the export a cohort pays once, cached beside the checkpoint
         backend = make_predictor(model, start_devices(options), backend=options.backend,
-                                 cache_dir=checkpoint.parent).runner.label
+                                 cache_dir=checkpoint.parent, precision=options.precision).runner.label
         print(f"backend {backend}: graph export and load {time.perf_counter() - start:.1f} s (once per checkpoint)")
         slides = make_slides(workdir, args.distinct, args.slide_px)
         listing = cohort_csv(workdir / "cohort.csv", slides, args.slides)

@@ -170,8 +170,9 @@ class OnnxRuntimeRunner(_StreamedRuntime):
 
         self.img_size = img_size
         self.session = session(threads)
-        self.stream_sessions = [session(n) for n in _share(threads, self.streams)] if self.streams > 1 else []
-        self.pool = ThreadPoolExecutor(self.streams, thread_name_prefix="onnxruntime-stream")  # ORT frees the GIL
+        if self.streams > 1:  # ORT frees the GIL, so Python threads run the sessions at once
+            self.stream_sessions = [session(n) for n in _share(threads, self.streams)]
+            self.pool = ThreadPoolExecutor(self.streams, thread_name_prefix="onnxruntime-stream")
 
     def _run_whole(self, x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         logits, embeddings = self.session.run(list(OUTPUT_NAMES), {INPUT_NAME: x})
@@ -196,8 +197,9 @@ class OpenVinoRunner(_StreamedRuntime):
         config = {"INFERENCE_NUM_THREADS": threads, "INFERENCE_PRECISION_HINT": OPENVINO_HINT[precision]}
         self.whole = core.compile_model(str(path), "CPU", config)
         self.request = self.whole.create_infer_request()
-        streamed = core.compile_model(str(path), "CPU", {**config, "NUM_STREAMS": self.streams})
-        self.stream_requests = [streamed.create_infer_request() for _ in range(self.streams)]
+        if self.streams > 1:
+            streamed = core.compile_model(str(path), "CPU", {**config, "NUM_STREAMS": self.streams})
+            self.stream_requests = [streamed.create_infer_request() for _ in range(self.streams)]
         self.img_size, self.precision = img_size, precision
 
     def _run_whole(self, x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -286,7 +288,7 @@ def choose_backend(backend: str, device: torch.device, precision: str = "auto") 
         return next(name for name in CPU_PREFERENCE[precision] if name == "torch" or _installed(name)), precision
     if backend == "onnxruntime" and precision != FP32:
         raise UnsupportedRun(f"backend 'onnxruntime' runs only 32-true on the CPU, not {precision!r}; "
-                         "use openvino or torch for bf16-mixed")
+                             "use openvino or torch for bf16-mixed")
     if backend != "torch":
         _import(backend)
     return backend, precision
