@@ -2,10 +2,10 @@
 
 One table at 224 px: timm's ``efficientformer_l1`` eager (the baseline), ONNX Runtime on timm's
 L1 exported to ONNX (the best a user gets without this toolkit; and OpenVINO at bf16 on the same
-graph where the CPU has bf16 matrix units), and our L1 ``{32: 1}`` eager and through every backend
+graph where the CPU has bf16 units), and our L1 ``{32: 1}`` eager and through every backend
 and precision of :func:`pathology.models.optimize_for_inference` (``torch`` fused, with and
 without ``torch.compile``, ``onnxruntime``, ``openvino``; ``bf16-mixed`` rows where the CPU has
-AMX), in images/s at ``--batch-size`` and ms at batch 1. The measured matmul peaks (a 2048²
+AMX or AVX512-BF16), in images/s at ``--batch-size`` and ms at batch 1. The measured matmul peaks (a 2048²
 ``torch.matmul`` in fp32 and in bf16) give each model's FLOP limit, ``peak / (2 × MACs per
 image)`` img/s, and each figure's fraction of it. Goals for the default (``auto``) path: ≥ 1.0×
 ONNX Runtime on timm's L1, ≥ 4× timm eager, ≥ 0.6 of the (fp32) FLOP limit (the ratios printed
@@ -50,7 +50,7 @@ from pathology.models.runtime import (
     FP32,
     UnsupportedRun,
     choose_backend,
-    has_bf16_matrix_units,
+    has_bf16_hardware,
     runner_label,
 )
 
@@ -96,7 +96,7 @@ def main_rows(cache_dir: Path, compile_model: bool) -> list[Row]:
     timm_macs = count_macs(timm_l1, (BASELINE_SIZE, BASELINE_SIZE))
     ours = _ours({32: 1}, BASELINE_SIZE)
     macs = count_macs(ours, (BASELINE_SIZE, BASELINE_SIZE))
-    precisions = (FP32, BF16) if has_bf16_matrix_units(torch.device("cpu")) else (FP32,)
+    precisions = (FP32, BF16) if has_bf16_hardware(torch.device("cpu")) else (FP32,)
     rows = [Row("timm efficientformer_l1 eager", "torch eager", BASELINE_SIZE, timm_macs, _eager(timm_l1)),
             _row("timm efficientformer_l1 → ONNX", timm_l1, timm_macs, "onnxruntime", FP32, cache_dir)]
     if BF16 in precisions:
@@ -245,7 +245,7 @@ def main(argv: list[str] | None = None) -> int:
               f"torch {torch.__version__}, timm {timm.__version__}; img/s at batch {args.batch_size}, latency at "
               f"batch 1; fastest of {args.rounds} interleaved rounds; {args.clock} clock; matmul peak "
               f"{peaks[FP32] / 1e9:.0f} GFLOP/s fp32, {peaks[BF16] / 1e9:.0f} bf16 ({MATMUL_N}² torch.matmul; "
-              f"bf16 matrix units (AMX): {'yes' if has_bf16_matrix_units(torch.device('cpu')) else 'no'}); "
+              f"bf16 units (AMX or AVX512-BF16): {'yes' if has_bf16_hardware(torch.device('cpu')) else 'no'}); "
               f"load average before the run "
               f"{load_before:.1f}")
     text = "\n\n".join([header, format_main(main_table, latency[:n], rate[:n], peaks, default),

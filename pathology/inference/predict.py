@@ -3,7 +3,7 @@
 ``pathology predict-tiles`` (a folder or CSV of tile images) and ``pathology infer`` (slides,
 streamed one at a time) both go through a :class:`Predictor`: the model in its fastest form on
 this process's device (:func:`~pathology.models.optimize_for_inference`: on a CPU ONNX Runtime
-at fp32, or OpenVINO at bf16 where the CPU has AMX; the fused torch model on a GPU;
+at fp32, or OpenVINO at bf16 where the CPU has AMX or AVX512-BF16; the fused torch model on a GPU;
 ``--backend`` and ``--precision`` force them), and with TTA on the 8 dihedral views of each
 batch (:mod:`pathology.models.tta`), whatever the backend.
 Devices come from Lightning Fabric, which launches one process per device for DDP and gives
@@ -69,8 +69,8 @@ class RunOptions:
         accelerator: ``auto``, ``cpu``, ``gpu``, ...
         devices: number of devices (or ``auto``); more than one predicts with DDP.
         strategy: Lightning strategy, e.g. ``ddp``; ``auto`` picks one.
-        precision: ``auto`` (bf16 where the device has bf16 matrix units: GPUs, CPUs with AMX;
-            else fp32), ``32-true`` (the eager function), ``bf16-mixed``, ``16-mixed`` (GPUs); see
+        precision: ``auto`` (bf16 where the device has bf16 units: GPUs, CPUs with AMX or
+            AVX512-BF16; else fp32), ``32-true`` (the eager function), ``bf16-mixed``, ``16-mixed`` (GPUs); see
             :func:`~pathology.models.runtime.choose_backend`.
         num_nodes: machines taking part.
         progress_bar: show the progress bar (over slides, or over batches of tile images).
@@ -146,7 +146,7 @@ def add_backend_option(parser: argparse.ArgumentParser | argparse._ArgumentGroup
 def add_precision_option(parser: argparse.ArgumentParser | argparse._ArgumentGroup) -> None:
     """``--precision``, shared by ``pathology infer``, ``predict-tiles`` and ``cv``."""
     parser.add_argument("--precision", choices=PRECISIONS, default=RunOptions.precision,
-                        help="auto: bf16-mixed where the hardware has bf16 matrix units (GPUs, CPUs with AMX; "
+                        help="auto: bf16-mixed where the hardware has bf16 units (GPUs, CPUs with AMX or AVX512-BF16; "
                              "probabilities within ~1e-2 of fp32), else 32-true (the exact function)")
 
 

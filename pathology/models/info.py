@@ -42,7 +42,8 @@ def _parser() -> argparse.ArgumentParser:
                         help="what runs the timed model, and with --latency the whole call (default: the fastest "
                              "installed, as inference uses)")
     parser.add_argument("--precision", choices=PRECISIONS, default="auto",
-                        help="of the timed model: auto (bf16-mixed where the CPU has AMX), 32-true, bf16-mixed")
+                        help="of the timed model: auto (bf16-mixed where the CPU has AMX or AVX512-BF16), 32-true, "
+                             "bf16-mixed")
     parser.add_argument("--json", type=Path, default=None, help="with --latency: also write the table as JSON here")
     return parser
 

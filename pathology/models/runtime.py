@@ -10,9 +10,9 @@
 * ``openvino``: OpenVINO's CPU plugin on the same graph, at fp32 or bf16.
 
 Precision (Lightning's names): ``32-true`` computes the eager function (to 1e-4); ``bf16-mixed``
-runs the matrix products in bfloat16, which hardware with bf16 matrix units (CUDA GPUs, CPUs
-with Intel AMX) runs several times faster, at ~1e-2 in the probabilities; ``16-mixed`` is fp16
-on GPUs. ``"auto"`` takes reduced precision where the hardware has such units and fp32
+runs the matrix products in bfloat16, which hardware with bf16 units (CUDA GPUs; CPUs with
+Intel AMX or AVX512-BF16) runs two to several times faster, at ~1e-2 in the probabilities;
+``16-mixed`` is fp16 on GPUs. ``"auto"`` takes reduced precision where the hardware has such units and fp32
 elsewhere, and the backend: torch on a GPU; on the CPU the first installed runtime of
 :data:`CPU_PREFERENCE` for that precision. ONNX graphs are exported once and cached (see
 :func:`~pathology.models.export.cached_onnx`), so a cohort pays the export once.
@@ -33,7 +33,8 @@ from pathology.models.export import INPUT_NAME, OUTPUT_NAMES, LogitsAndEmbedding
 from pathology.models.optimize import fuse_for_inference
 
 __all__ = ["BACKENDS", "BF16", "CPU_PREFERENCE", "FP16", "FP32", "PRECISIONS", "BackendUnavailable", "InferenceRunner",
-           "UnsupportedRun", "choose_backend", "has_bf16_matrix_units", "optimize_for_inference", "runner_label"]
+           "UnsupportedRun", "choose_backend", "has_bf16_hardware", "has_bf16_matrix_units", "optimize_for_inference",
+           "runner_label"]
 
 BACKENDS = ("torch", "onnxruntime", "openvino")
 PRECISIONS = ("auto", "32-true", "bf16-mixed", "16-mixed")
@@ -247,19 +248,25 @@ def _import(backend: str) -> ModuleType:
         raise BackendUnavailable(f"backend {backend!r} is not installed ({INSTALL_HINT[backend]})") from err
 
 
-def has_bf16_matrix_units(device: torch.device) -> bool:
+def has_bf16_hardware(device: torch.device) -> bool:
     """Whether ``device`` runs bf16 (or fp16) matrix products much faster than fp32: every CUDA GPU
-    (tensor cores; autocast falls back to fp16 where bf16 is missing) and CPUs with Intel AMX."""
+    (tensor cores; autocast falls back to fp16 where bf16 is missing), CPUs with Intel AMX (bf16
+    matrix tiles) and CPUs with AVX512-BF16 (bf16 dot-product instructions: Cooper Lake Xeons, AMD
+    Zen 4 and later). On a 2-core AMD EPYC with AVX512-BF16 and no AMX, OpenVINO ran L1 at bf16 2.2x
+    as fast as ONNX Runtime at fp32 (docs/model.md); on an AMX Xeon, 3.5x."""
     if device.type == "cuda":
         return True
-    amx = getattr(torch.cpu, "_is_amx_tile_supported", None)  # torch's own dispatch check (private)
-    return device.type == "cpu" and amx is not None and bool(amx())
+    checks = ("_is_amx_tile_supported", "_is_avx512_bf16_supported")  # torch's own dispatch checks (private)
+    return device.type == "cpu" and any(bool(getattr(torch.cpu, name, lambda: False)()) for name in checks)
+
+
+has_bf16_matrix_units = has_bf16_hardware  # its name before AVX512-BF16 CPUs counted
 
 
 def choose_backend(backend: str, device: torch.device, precision: str = "auto") -> tuple[str, str]:
     """The ``(backend, precision)`` that run: the ones asked for (checked), ``"auto"`` resolved.
 
-    ``precision="auto"``: reduced precision where :func:`has_bf16_matrix_units` and the backend
+    ``precision="auto"``: reduced precision where :func:`has_bf16_hardware` and the backend
     supports it (``bf16-mixed``; on a GPU without bf16, autocast's fp16), else ``32-true``.
     ``backend="auto"``: torch on a GPU; on the CPU the first installed of :data:`CPU_PREFERENCE`
     for the precision.
@@ -282,7 +289,7 @@ def choose_backend(backend: str, device: torch.device, precision: str = "auto") 
         raise UnsupportedRun("precision '16-mixed' runs on GPUs only; on the CPU use bf16-mixed or 32-true")
     if precision == "auto":
         runs_bf16 = backend == "openvino" or (backend == "auto" and _installed("openvino"))
-        reduced = runs_bf16 and has_bf16_matrix_units(device)
+        reduced = runs_bf16 and has_bf16_hardware(device)
         precision = BF16 if reduced else FP32
     if backend == "auto":
         return next(name for name in CPU_PREFERENCE[precision] if name == "torch" or _installed(name)), precision

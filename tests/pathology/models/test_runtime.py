@@ -92,11 +92,28 @@ def test_runner_names_the_size_it_takes(tiny: nn.Module) -> None:
         runner(torch.zeros(1, 3, 2 * IMG, 2 * IMG))
 
 
+@pytest.mark.parametrize(("amx", "avx512_bf16", "expected"), [
+    (True, False, True), (False, True, True), (True, True, True), (False, False, False)])
+def test_bf16_hardware_is_amx_or_avx512_bf16_on_the_cpu(amx: bool, avx512_bf16: bool, expected: bool,
+                                                         monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(torch.cpu, "_is_amx_tile_supported", lambda: amx)
+    monkeypatch.setattr(torch.cpu, "_is_avx512_bf16_supported", lambda: avx512_bf16)
+    assert runtime.has_bf16_hardware(torch.device("cpu")) is expected
+    assert runtime.has_bf16_matrix_units(torch.device("cpu")) is expected  # the old name still answers
+    assert runtime.has_bf16_hardware(torch.device("cuda")) is True
+
+
+def test_bf16_hardware_is_false_where_torch_lacks_the_checks(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.delattr(torch.cpu, "_is_amx_tile_supported")
+    monkeypatch.delattr(torch.cpu, "_is_avx512_bf16_supported")
+    assert runtime.has_bf16_hardware(torch.device("cpu")) is False
+
+
 @pytest.mark.parametrize("amx", [True, False])
-def test_auto_takes_bf16_where_the_cpu_has_matrix_units_and_the_first_installed_runtime(
+def test_auto_takes_bf16_where_the_cpu_has_bf16_units_and_the_first_installed_runtime(
         amx: bool, monkeypatch: pytest.MonkeyPatch) -> None:
     cpu = torch.device("cpu")
-    monkeypatch.setattr(runtime, "has_bf16_matrix_units", lambda device: amx)
+    monkeypatch.setattr(runtime, "has_bf16_hardware", lambda device: amx)
     assert choose_backend("auto", cpu) == (("openvino", BF16) if amx else ("onnxruntime", FP32))
     assert choose_backend("auto", cpu, FP32) == ("onnxruntime", FP32)
     assert choose_backend("onnxruntime", cpu) == ("onnxruntime", FP32)  # auto: the precision the backend runs
