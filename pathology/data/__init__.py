@@ -6,8 +6,9 @@ from pathology.data.errors import (AnnotationError, CorruptTileError, EmptyTileS
                                    TileDataError, TilingMismatchError)
 from pathology.data.sources import H5Source, ImageCsvSource, ImageFolderSource, TileSource
 from pathology.data.splits import TEST_FOLD, assign_splits, check_splits, load_or_make_folds, make_folds
-from pathology.data.transforms import (AugmentConfig, BatchNormalizer, HEDJitter, PolicyAugment, StainNormalize,
-                                       eval_transform, hed_jitter, resize_transform, train_transform)
+from pathology.data.transforms import (AugmentConfig, HEDJitter, PolicyAugment, StainNormalize, collate_tiles,
+                                       eval_transform, hed_jitter, resize_transform, stack_tiles,
+                                       train_transform)
 
 __all__ = [
     "UNLABELLED", "Region", "class_coverage", "labels_from_coverage", "read_geojson",
@@ -16,6 +17,6 @@ __all__ = [
     "TilingMismatchError",
     "H5Source", "ImageCsvSource", "ImageFolderSource", "TileSource",
     "TEST_FOLD", "assign_splits", "check_splits", "load_or_make_folds", "make_folds",
-    "AugmentConfig", "BatchNormalizer", "HEDJitter", "PolicyAugment", "StainNormalize", "eval_transform",
-    "hed_jitter", "resize_transform", "train_transform",
+    "AugmentConfig", "HEDJitter", "PolicyAugment", "StainNormalize", "collate_tiles", "eval_transform",
+    "hed_jitter", "resize_transform", "stack_tiles", "train_transform",
 ]

@@ -32,7 +32,6 @@ from tqdm import tqdm
 from tqdm.contrib.logging import logging_redirect_tqdm
 
 from pathology.checkpoint import CheckpointError, ModelSpec, load_inference_model
-from pathology.data import BatchNormalizer
 from pathology.inference.aggregate import DEFAULT_AGGREGATIONS, Aggregation, aggregate_all, parse_aggregation
 from pathology.inference.calibrate import Calibration, calibration_path, decide, temper
 from pathology.inference.match import MATCH_MODES, match_for_checkpoint
@@ -173,8 +172,7 @@ def _predict_share(jobs: Sequence[SlideJob], keys: dict[str, str], setup: _Setup
     start, n_tiles = time.perf_counter(), 0
     tile = partial(tile_for_model, spec=setup.spec, **tiling)
     dataset = partial(slide_dataset, spec=setup.spec)
-    stream = SlideStream(todo, tile, dataset, BatchNormalizer(setup.spec.mean, setup.spec.std), run.batch_size,
-                         run.num_workers)
+    stream = SlideStream(todo, tile, dataset, run.batch_size, run.num_workers)
     bar = tqdm(total=len(jobs), initial=counts["skipped"], desc="slides", unit="slide", disable=not progress)
     with bar, logging_redirect_tqdm(), stream:
         for slide, images in stream:
@@ -284,7 +282,8 @@ def infer_slides(checkpoint: str | Path, slides: Sequence[str | Path], out_dir: 
               "match": used, "allow_upsample": allow_upsample}
     tta = spec.tta if tta is None else tta
     fabric = start_devices(run)
-    predictor = make_predictor(model, fabric, extras.embeddings, run.backend, checkpoint.parent, tta, run.precision)
+    predictor = make_predictor(model, fabric, (spec.mean, spec.std), extras.embeddings, run.backend, checkpoint.parent,
+                               tta, run.precision)
     settings = _settings(methods, loaded, tiling, extras, predictor.runner.precision, tta)  # "auto" resolved
     keys = {job.slide_id: run_key(checkpoint_hash, settings, job.slide_path, job.mpp) for job in jobs}
     setup = _Setup(out_dir, spec, used, tuple(methods), loaded, extras, predictor)

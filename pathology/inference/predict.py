@@ -30,13 +30,14 @@ from torch.utils.data import DataLoader, Dataset
 from tqdm import tqdm
 
 from pathology.checkpoint import ModelSpec
-from pathology.data import BatchNormalizer, TileDataset, resize_transform
+from pathology.data import TileDataset, collate_tiles, resize_transform, stack_tiles
 from pathology.models.export import ExportError
 from pathology.models.runtime import (
     BACKENDS,
     PRECISIONS,
     BackendUnavailable,
     InferenceRunner,
+    Normalization,
     UnsupportedRun,
     optimize_for_inference,
 )
@@ -122,7 +123,9 @@ class Predictor:
         """(B, C) float32 probabilities and, with ``embeddings``, (B, D) float32 features of a batch.
 
         Args:
-            images: (B, 3, H, W) normalised float tiles, on any device.
+            images: (B, 3, H, W) tiles in the runner's input form (uint8 pixels from
+                :func:`make_predictor`; normalised floats for a runner built without
+                ``normalize``), on any device.
         """
         if self.tta:
             probs, pooled = mean_over_views(self._probs_and_embeddings, images.to(self.runner.device))
@@ -171,12 +174,14 @@ def start_devices(options: RunOptions) -> Fabric:
     return fabric
 
 
-def make_predictor(model: nn.Module, fabric: Fabric, embeddings: bool = False, backend: str = "auto",
-                   cache_dir: Path | None = None, tta: bool = False, precision: str = "auto") -> Predictor:
-    """The model in its fastest form on ``fabric``'s device.
+def make_predictor(model: nn.Module, fabric: Fabric, normalize: Normalization, embeddings: bool = False,
+                   backend: str = "auto", cache_dir: Path | None = None, tta: bool = False,
+                   precision: str = "auto") -> Predictor:
+    """The model in its fastest form on ``fabric``'s device, taking uint8 tiles (:func:`batches`).
 
     Args:
         model: the classifier (left unchanged).
+        normalize: its ``(mean, std)`` (the spec's), applied inside the runner's graph.
         fabric: from :func:`start_devices`.
         embeddings: also return the pooled features.
         backend: see :attr:`RunOptions.backend`.
@@ -192,27 +197,27 @@ def make_predictor(model: nn.Module, fabric: Fabric, embeddings: bool = False, b
     """
     writable = cache_dir is not None and os.access(cache_dir, os.W_OK)
     runner = optimize_for_inference(model.to(fabric.device).eval(), backend=backend, precision=precision,
-                                    cache_dir=cache_dir if writable else None)
+                                    cache_dir=cache_dir if writable else None, normalize=normalize)
     return Predictor(runner, embeddings, tta)
 
 
 def tile_dataset(table: pd.DataFrame, spec: ModelSpec) -> TileDataset:
     """The tiles of ``table`` as the model's spec says inference reads them: stain-normalised when
-    it holds a reference, resized to its input; :func:`batches` then normalises them with
-    ``BatchNormalizer(spec.mean, spec.std)``. Together, training's ``eval_transform``."""
+    it holds a reference, resized to its input; :func:`batches` stacks them as uint8 and the
+    predictor's runner normalises them with the spec's mean and std. Together, training's
+    ``eval_transform``."""
     return TileDataset(table, resize_transform(spec.img_size, spec.stain_reference))
 
 
-def batches(dataset: Dataset, normalize: BatchNormalizer, batch_size: int, num_workers: int,
-            buffers: int = 0) -> Iterator[torch.Tensor]:
-    """The dataset's tiles in order, ``batch_size`` at a time, as normalised (B, 3, H, W) batches.
+def batches(dataset: Dataset, batch_size: int, num_workers: int, buffers: int = 0) -> Iterator[torch.Tensor]:
+    """The dataset's tiles in order, ``batch_size`` at a time, as (B, 3, H, W) uint8 batches
+    (:func:`~pathology.data.stack_tiles`), the input of :func:`make_predictor`'s predictor.
 
     Args:
         dataset: ``(tile, label)`` pairs of resized (H, W, 3) uint8 tiles, e.g. a
             :class:`~pathology.data.TileDataset` with :func:`~pathology.data.resize_transform`.
-        normalize: the model's normalisation.
         batch_size: tiles per batch.
-        num_workers: DataLoader processes reading and normalising; 0: here, in the caller's thread.
+        num_workers: DataLoader processes reading tiles; 0: here, in the caller's thread.
         buffers: with no workers, batches are written into this many tensors in turn (0: a new
             tensor each batch), so a batch is overwritten ``buffers`` batches later: the consumer
             must be done with it by then.
@@ -223,12 +228,12 @@ def batches(dataset: Dataset, normalize: BatchNormalizer, batch_size: int, num_w
     pin = torch.cuda.is_available()
     if num_workers:
         yield from DataLoader(dataset, batch_size=batch_size, shuffle=False, num_workers=num_workers,
-                              collate_fn=normalize.collate, pin_memory=pin)
+                              collate_fn=collate_tiles, pin_memory=pin)
         return
     ring: list[torch.Tensor | None] = [None] * buffers
     for number, start in enumerate(range(0, len(dataset), batch_size)):
         tiles = [dataset[index][0] for index in range(start, min(start + batch_size, len(dataset)))]
-        batch = normalize(tiles, ring[number % buffers] if buffers else None)
+        batch = stack_tiles(tiles, ring[number % buffers] if buffers else None)
         if pin and not batch.is_pinned():
             batch = batch.pin_memory()
         if buffers:
@@ -236,14 +241,12 @@ def batches(dataset: Dataset, normalize: BatchNormalizer, batch_size: int, num_w
         yield batch
 
 
-def predict_tiles(predictor: Predictor, dataset: Dataset, normalize: BatchNormalizer,
-                  options: RunOptions = RunOptions()) -> TilePredictions:
+def predict_tiles(predictor: Predictor, dataset: Dataset, options: RunOptions = RunOptions()) -> TilePredictions:
     """Predicts every tile of ``dataset``.
 
     Args:
         predictor: the model, from :func:`make_predictor`.
         dataset: ``(tile, label)`` pairs of resized uint8 tiles (see :func:`batches`).
-        normalize: the model's normalisation.
         options: batch size, workers, progress bar.
 
     Returns:
@@ -251,7 +254,7 @@ def predict_tiles(predictor: Predictor, dataset: Dataset, normalize: BatchNormal
     """
     probs, pooled = [], []
     n_batches = -(-len(dataset) // options.batch_size)
-    for images in tqdm(batches(dataset, normalize, options.batch_size, options.num_workers, buffers=1),
+    for images in tqdm(batches(dataset, options.batch_size, options.num_workers, buffers=1),
                        total=n_batches, unit="batch", disable=not options.progress_bar):
         batch_probs, batch_pooled = predictor.predict(images)
         probs.append(batch_probs)

@@ -1,8 +1,8 @@
 """Slides tiled and read ahead in a thread while the model predicts: the producer of ``pathology infer``.
 
 A thread walks the slides in order: it finds or makes each slide's tile store at the model's
-resolution, then reads and normalises its tiles batch by batch (in DataLoader worker processes,
-or in the thread itself with none) into a bounded queue. The main thread takes each slide and
+resolution, then reads its tiles batch by batch as uint8 (in DataLoader worker processes, or in
+the thread itself with none; the model's runner normalises them) into a bounded queue. The main thread takes each slide and
 its batches from the queue and predicts them. The producer starts a slide only once the
 consumer has taken the one before, and the queue holds at most :data:`QUEUE_BATCHES` batches, so
 the producer is at most one slide (and a few batches) ahead: tiling and reading overlap
@@ -23,7 +23,7 @@ import pandas as pd
 import torch
 
 from pathology.checkpoint import ModelSpec
-from pathology.data import BatchNormalizer, TileDataError, TileDataset
+from pathology.data import TileDataError, TileDataset
 from pathology.inference.match import resolution_for_slide, store_matches
 from pathology.inference.predict import batches, tile_dataset
 from pathology.inference.results import STATUS_ERROR, STATUS_NO_TISSUE, STATUS_OK
@@ -148,7 +148,7 @@ def tile_for_model(job: SlideJob, spec: ModelSpec, tiles_dir: Path, min_tissue: 
 
 
 def slide_dataset(slide: TiledSlide, spec: ModelSpec) -> TileDataset:
-    """The slide's tiles in store order, resized to the model's input (normalised per batch)."""
+    """The slide's tiles in store order, resized to the model's input (normalised by the model's runner)."""
     table = pd.DataFrame({"path": str(slide.h5_path), "tile_index": np.arange(slide.n_tiles),
                           "slide_path": str(slide.job.slide_path), "label": -1})
     return tile_dataset(table, spec)
@@ -163,15 +163,13 @@ class SlideStream:
         jobs: the slides, in the order they are predicted.
         tile: finds or makes a slide's store (:func:`tile_for_model` with its settings bound).
         dataset: the slide's tiles as a dataset (:func:`slide_dataset` with the spec bound).
-        normalize: the model's normalisation, applied per batch.
         batch_size: tiles per batch.
         num_workers: DataLoader worker processes per slide (0: read in the producer thread).
     """
 
     def __init__(self, jobs: Sequence[SlideJob], tile: Callable[[SlideJob], TiledSlide],
-                 dataset: Callable[[TiledSlide], TileDataset], normalize: BatchNormalizer, batch_size: int,
-                 num_workers: int) -> None:
-        self._jobs, self._tile, self._dataset, self._normalize = list(jobs), tile, dataset, normalize
+                 dataset: Callable[[TiledSlide], TileDataset], batch_size: int, num_workers: int) -> None:
+        self._jobs, self._tile, self._dataset = list(jobs), tile, dataset
         self._batch_size, self._num_workers = batch_size, num_workers
         self._queue: queue.Queue = queue.Queue(maxsize=QUEUE_BATCHES)
         self._stop = threading.Event()
@@ -219,8 +217,7 @@ class SlideStream:
     def _put_batches(self, slide: TiledSlide) -> bool:
         """Queues the slide's batches, then its end marker; False when the consumer has stopped."""
         try:
-            for images in batches(self._dataset(slide), self._normalize, self._batch_size, self._num_workers,
-                                  BATCH_BUFFERS):
+            for images in batches(self._dataset(slide), self._batch_size, self._num_workers, BATCH_BUFFERS):
                 if not self._put(images):
                     return False
         except (WsiTilingError, TileDataError) as error:
@@ -234,7 +231,7 @@ class SlideStream:
         return item
 
     def __iter__(self) -> Iterator[tuple[TiledSlide, Iterator[torch.Tensor]]]:
-        """Each slide with an iterator over its batches of (B, 3, H, W) normalised tiles (empty
+        """Each slide with an iterator over its batches of (B, 3, H, W) uint8 tiles (empty
         unless the status is ``ok``); a read failure part way sets the slide's status and error.
 
         A batch is valid until the next item is taken: its tensor is then written again (see

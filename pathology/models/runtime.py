@@ -29,10 +29,18 @@ import numpy as np
 import torch
 from torch import nn
 
-from pathology.models.export import INPUT_NAME, OUTPUT_NAMES, LogitsAndEmbeddings, cached_onnx, model_input_size
+from pathology.models.export import (
+    INPUT_NAME,
+    OUTPUT_NAMES,
+    LogitsAndEmbeddings,
+    PixelInput,
+    cached_onnx,
+    model_input_size,
+)
 from pathology.models.optimize import fuse_for_inference
 
 __all__ = ["BACKENDS", "BF16", "CPU_PREFERENCE", "FP16", "FP32", "PRECISIONS", "BackendUnavailable", "InferenceRunner",
+           "Normalization",
            "UnsupportedRun", "choose_backend", "has_bf16_hardware", "has_bf16_matrix_units", "optimize_for_inference",
            "runner_label"]
 
@@ -56,20 +64,26 @@ class UnsupportedRun(ValueError):
     """A backend or precision the model's device cannot run (a CPU runtime on a GPU, fp16 on the CPU)."""
 
 
+Normalization = tuple[tuple[float, ...], tuple[float, ...]]  # (mean, std) on the [0, 1] scale
+
+
 class InferenceRunner(ABC):
-    """Runs a classifier on ``(B, 3, H, W)`` float images normalised as its spec says.
+    """Runs a classifier on ``(B, 3, H, W)`` float images normalised as its spec says or, built with
+    ``normalize``, on ``(B, 3, H, W)`` uint8 pixels it normalises itself (:class:`PixelInput`).
 
     Attributes:
         backend: ``"torch"``, ``"onnxruntime"`` or ``"openvino"``.
         precision: ``"32-true"``, ``"bf16-mixed"`` or ``"16-mixed"`` (see :data:`PRECISIONS`).
         device: where inputs are run and outputs returned (runtimes: the CPU).
         img_size: the ``(H, W)`` in px the runner takes.
+        pixels: whether it takes uint8 pixels (else normalised floats).
     """
 
     backend: str
     precision: str
     device: torch.device
     img_size: tuple[int, int]
+    pixels: bool = False
 
     @property
     def label(self) -> str:
@@ -84,12 +98,20 @@ class InferenceRunner(ABC):
         """Logits ``(B, classes)`` and embeddings ``(B, D)`` (``forward_head(pre_logits=True)``), float32.
 
         Raises:
-            ValueError: images that are not ``(B, 3, H, W)`` at :attr:`img_size`.
+            ValueError: images that are not ``(B, 3, H, W)`` at :attr:`img_size`, or uint8 pixels
+                given to a runner of normalised floats (or the reverse).
         """
         if images.dim() != 4 or tuple(images.shape[2:]) != self.img_size:
             raise ValueError(f"{self.backend} runner takes (B, 3, {self.img_size[0]}, {self.img_size[1]}) images, "
                              f"got {tuple(images.shape)}")
+        if (images.dtype == torch.uint8) != self.pixels:
+            wanted = "uint8 pixels" if self.pixels else "normalised float images"
+            raise ValueError(f"{self.backend} runner takes {wanted}, got {images.dtype}")
         return self._run(images)
+
+    @property
+    def input_dtype(self) -> torch.dtype:
+        return torch.uint8 if self.pixels else torch.float32
 
     @abstractmethod
     def _run(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -101,17 +123,19 @@ class TorchRunner(InferenceRunner):
 
     backend = "torch"
 
-    def __init__(self, model: nn.Module, img_size: tuple[int, int], *, precision: str, compile_model: bool) -> None:
+    def __init__(self, model: nn.Module, img_size: tuple[int, int], *, precision: str, compile_model: bool,
+                 normalize: Normalization | None = None) -> None:
         self.device = _device(model)
-        self.img_size, self.precision = img_size, precision
+        self.img_size, self.precision, self.pixels = img_size, precision, normalize is not None
         if precision == BF16 and self.device.type == "cuda" and not torch.cuda.is_bf16_supported():
             self.precision = FP16  # a GPU without bf16 (where Lightning's bf16-mixed would fail)
         self.autocast_dtype = {BF16: torch.bfloat16, FP16: torch.float16}.get(self.precision)
-        module = LogitsAndEmbeddings(fuse_for_inference(model)).eval()
+        fused = fuse_for_inference(model)
+        module = LogitsAndEmbeddings(fused if normalize is None else PixelInput(fused, *normalize)).eval()
         self.module = torch.compile(module) if compile_model else module
 
     def _run(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        x = images.to(self.device, torch.float32, non_blocking=True).contiguous(memory_format=torch.channels_last)
+        x = images.to(self.device, self.input_dtype, non_blocking=True).contiguous(memory_format=torch.channels_last)
         with torch.inference_mode(), torch.autocast(self.device.type, dtype=self.autocast_dtype,
                                                     enabled=self.autocast_dtype is not None):
             logits, embeddings = self.module(x)
@@ -130,12 +154,12 @@ class _StreamedRuntime(InferenceRunner):
     Outputs equal the unsplit batch's (each image is computed on its own).
     """
 
-    def __init__(self, threads: int) -> None:
+    def __init__(self, threads: int, pixels: bool) -> None:
         self.streams = min(threads, MAX_STREAMS)
-        self.device = torch.device("cpu")
+        self.device, self.pixels = torch.device("cpu"), pixels
 
     def _run(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        x = _numpy(images)
+        x = images.detach().to("cpu", self.input_dtype).contiguous().numpy()
         if self.streams == 1 or len(x) == 1:
             logits, embeddings = self._run_whole(x)
         else:
@@ -159,8 +183,8 @@ class OnnxRuntimeRunner(_StreamedRuntime):
     backend = "onnxruntime"
     precision = FP32
 
-    def __init__(self, path: Path, img_size: tuple[int, int], threads: int) -> None:
-        super().__init__(threads)
+    def __init__(self, path: Path, img_size: tuple[int, int], threads: int, pixels: bool) -> None:
+        super().__init__(threads, pixels)
         ort = _import("onnxruntime")
 
         def session(n_threads: int) -> object:
@@ -191,8 +215,8 @@ class OpenVinoRunner(_StreamedRuntime):
 
     backend = "openvino"
 
-    def __init__(self, path: Path, img_size: tuple[int, int], threads: int, precision: str) -> None:
-        super().__init__(threads)
+    def __init__(self, path: Path, img_size: tuple[int, int], threads: int, precision: str, pixels: bool) -> None:
+        super().__init__(threads, pixels)
         ov = _import("openvino")
         core = ov.Core()
         config = {"INFERENCE_NUM_THREADS": threads, "INFERENCE_PRECISION_HINT": OPENVINO_HINT[precision]}
@@ -230,10 +254,6 @@ def _share(threads: int, streams: int) -> list[int]:
 def runner_label(backend: str, precision: str) -> str:
     """``"onnxruntime"`` at fp32, ``"openvino bf16-mixed"`` below it: what ran, for reports and tables."""
     return backend if precision == FP32 else f"{backend} {precision}"
-
-
-def _numpy(images: torch.Tensor) -> np.ndarray:
-    return images.detach().to("cpu", torch.float32).contiguous().numpy()
 
 
 def _device(model: nn.Module) -> torch.device:
@@ -311,7 +331,8 @@ def _installed(backend: str) -> bool:
 
 def optimize_for_inference(model: nn.Module, *, backend: str = "auto", precision: str = "auto",
                            img_size: tuple[int, int] | None = None, cache_dir: str | Path | None = None,
-                           threads: int | None = None, compile_model: bool = False) -> InferenceRunner:
+                           threads: int | None = None, compile_model: bool = False,
+                           normalize: Normalization | None = None) -> InferenceRunner:
     """The fastest runner for ``model`` (left unchanged) on its device.
 
     Args:
@@ -325,6 +346,9 @@ def optimize_for_inference(model: nn.Module, *, backend: str = "auto", precision
             cache (``$XDG_CACHE_HOME/pathology/onnx``).
         threads: CPU threads of a runtime; None: ``torch.get_num_threads()``.
         compile_model: torch backend: ``torch.compile`` the fused model (slow first call).
+        normalize: ``(mean, std)``: the runner takes ``(B, 3, H, W)`` uint8 pixels and normalises
+            them in its graph (:class:`~pathology.models.export.PixelInput`), which is how
+            inference feeds it (much cheaper for the tile reader); None: normalised float images.
 
     Returns:
         The runner; ``runner.backend`` and ``runner.precision`` say what was chosen.
@@ -339,10 +363,11 @@ def optimize_for_inference(model: nn.Module, *, backend: str = "auto", precision
     chosen, precision = choose_backend(backend, device, precision)
     size = img_size or model_input_size(model)
     if chosen == "torch":
-        return TorchRunner(model, size, precision=precision, compile_model=compile_model)
+        return TorchRunner(model, size, precision=precision, compile_model=compile_model, normalize=normalize)
     runtime = _import(chosen)
-    path = cached_onnx(model, size, cache_dir, runtime=f"{chosen}{runtime.__version__.split('-')[0]}")
+    graph = model if normalize is None else PixelInput(model, *normalize)
+    path = cached_onnx(graph, size, cache_dir, runtime=f"{chosen}{runtime.__version__.split('-')[0]}")
     threads = threads or torch.get_num_threads()
     if chosen == "onnxruntime":
-        return OnnxRuntimeRunner(path, size, threads)
-    return OpenVinoRunner(path, size, threads, precision)
+        return OnnxRuntimeRunner(path, size, threads, normalize is not None)
+    return OpenVinoRunner(path, size, threads, precision, normalize is not None)

@@ -19,7 +19,7 @@ from torch import nn
 
 from pathology.atomic import atomic_path
 from pathology.checkpoint import CheckpointError, ModelSpec, load_inference_model
-from pathology.data import BatchNormalizer, ImageCsvSource, ImageFolderSource, TileDataError
+from pathology.data import ImageCsvSource, ImageFolderSource, TileDataError
 from pathology.inference.predict import (
     RUNNER_ERRORS,
     RunOptions,
@@ -108,9 +108,9 @@ def tile_probabilities(model: nn.Module, spec: ModelSpec, table: pd.DataFrame, o
     Raises:
         TileDataError: an unreadable tile; a runner error (:data:`RUNNER_ERRORS`).
     """
-    predictor = make_predictor(model, start_devices(options), backend=options.backend, cache_dir=cache_dir, tta=tta,
-                               precision=options.precision)
-    return predict_tiles(predictor, tile_dataset(table, spec), BatchNormalizer(spec.mean, spec.std), options).probs
+    predictor = make_predictor(model, start_devices(options), (spec.mean, spec.std), backend=options.backend,
+                               cache_dir=cache_dir, tta=tta, precision=options.precision)
+    return predict_tiles(predictor, tile_dataset(table, spec), options).probs
 
 
 def main(argv: list[str]) -> int:

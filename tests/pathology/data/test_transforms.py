@@ -4,9 +4,11 @@ from __future__ import annotations
 import albumentations as A
 import numpy as np
 import torch
+from torch import nn
 
-from pathology.data import (AugmentConfig, BatchNormalizer, HEDJitter, eval_transform, hed_jitter, resize_transform,
-                            train_transform)
+from pathology.data import (AugmentConfig, HEDJitter, collate_tiles, eval_transform, hed_jitter, resize_transform,
+                            stack_tiles, train_transform)
+from pathology.models.export import PixelInput
 
 # Ruifrok & Johnston's unit optical-density vectors (rows of scikit-image's rgb_from_hed).
 HAEMATOXYLIN_OD = np.array([0.65, 0.70, 0.29])
@@ -56,23 +58,34 @@ def test_eval_transform_resizes_and_normalises_with_model_statistics() -> None:
     np.testing.assert_allclose(out.mean(dim=(1, 2)).numpy(), expected, atol=1e-5)
 
 
-def test_batch_normalizer_equals_eval_transform_per_tile(rng: np.random.Generator) -> None:
-    """Inference's per-batch path (resize per tile, normalise per batch) feeds the model what training's
-    eval transform does, into a reused buffer when one of the right shape is given."""
+class _Features(nn.Module):
+    """A 'model' whose features are its input, to read what :class:`PixelInput` feeds a model."""
+
+    img_size = (64, 64)
+
+    def forward_features(self, x: torch.Tensor) -> torch.Tensor:
+        return x
+
+
+def test_stacked_tiles_normalised_in_the_graph_equal_eval_transform_per_tile(rng: np.random.Generator) -> None:
+    """Inference's path (resize per tile, stack as uint8 per batch, normalise inside the runner's
+    graph) feeds the model what training's eval transform does; batches go into a reused buffer
+    when one of the right shape is given."""
     mean, std = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
     tiles = [rng.integers(0, 256, (50, 50, 3), dtype=np.uint8) for _ in range(5)]
     expected = torch.stack([eval_transform(64, mean, std)(image=tile)["image"] for tile in tiles])
-    normalize, resize = BatchNormalizer(mean, std), resize_transform(64)
+    resize = resize_transform(64)
     resized = [resize(image=tile)["image"] for tile in tiles]
     assert resized[0].dtype == np.uint8 and resized[0].shape == (64, 64, 3)
-    batch = normalize(resized)
-    assert batch.shape == (5, 3, 64, 64) and batch.dtype == torch.float32 and batch.is_contiguous()
-    torch.testing.assert_close(batch, expected, atol=1e-6, rtol=0)
-    again = normalize(resized[::-1], out=batch)
+    batch = stack_tiles(resized)
+    assert batch.shape == (5, 3, 64, 64) and batch.dtype == torch.uint8 and batch.is_contiguous()
+    normalise = PixelInput(_Features(), mean, std).forward_features
+    torch.testing.assert_close(normalise(batch), expected, atol=1e-5, rtol=0)
+    again = stack_tiles(resized[::-1], out=batch)
     assert again.data_ptr() == batch.data_ptr()
-    torch.testing.assert_close(again, expected.flip(0), atol=1e-6, rtol=0)
-    assert normalize(resized[:2], out=batch).shape == (2, 3, 64, 64)  # another shape: a new tensor
-    torch.testing.assert_close(normalize.collate([(t, 0) for t in resized]), expected, atol=1e-6, rtol=0)
+    torch.testing.assert_close(normalise(again), expected.flip(0), atol=1e-5, rtol=0)
+    assert stack_tiles(resized[:2], out=batch).shape == (2, 3, 64, 64)  # another shape: a new tensor
+    assert torch.equal(collate_tiles([(t, 0) for t in resized]), batch.flip(0))
 
 
 def test_train_transform_ends_at_model_input_size(rng: np.random.Generator) -> None:

@@ -12,7 +12,7 @@ import pytest
 import torch
 
 from pathology.checkpoint import load_checkpoint
-from pathology.data import BatchNormalizer, resize_transform
+from pathology.data import resize_transform, stack_tiles
 from pathology.inference import infer
 from pathology.inference.infer import infer_slides
 from pathology.inference.predict import Predictor, RunOptions
@@ -57,15 +57,15 @@ def test_each_slide_is_written_before_the_next_is_predicted(two_class_set, tmp_p
     assert pd.read_csv(out / "slides.csv")["slide_id"].tolist() == ["blank", *WITH_TISSUE]
 
 
-class _CountingNormalizer(BatchNormalizer):
-    """Counts the batches written, so a test can wait until the producer is as far ahead as it goes."""
+class _CountingStack:
+    """:func:`stack_tiles` counting the batches written, so a test can wait until the producer is as
+    far ahead as it goes."""
 
-    def __init__(self, *args) -> None:
-        super().__init__(*args)
+    def __init__(self) -> None:
         self.written, self.changed = 0, threading.Condition()
 
     def __call__(self, tiles, out=None):
-        batch = super().__call__(tiles, out)
+        batch = stack_tiles(tiles, out)
         with self.changed:
             self.written += 1
             self.changed.notify_all()
@@ -80,19 +80,19 @@ def test_a_batch_is_intact_until_the_next_is_taken(spare_buffers: int, monkeypat
     monkeypatch.setattr("pathology.inference.stream.BATCH_BUFFERS", QUEUE_BATCHES + spare_buffers)
     rng = np.random.default_rng(0)
     tiles = [rng.integers(0, 256, (8, 8, 3), dtype=np.uint8) for _ in range(40)]
-    mean, std = (0.5, 0.5, 0.5), (0.25, 0.25, 0.25)
-    normalize, n_batches = _CountingNormalizer(mean, std), len(tiles) // 2
+    stack, n_batches = _CountingStack(), len(tiles) // 2
+    monkeypatch.setattr("pathology.inference.predict.stack_tiles", stack)
     job = SlideJob(Path("slide.svs"), "slide")
     intact = []
     with SlideStream([job], lambda j: TiledSlide(j, STATUS_OK, n_tiles=len(tiles)), lambda _: [(t, -1) for t in tiles],
-                     normalize, batch_size=2, num_workers=0) as stream:
+                     batch_size=2, num_workers=0) as stream:
         for _, images in stream:
             for i, batch in enumerate(images):
                 given = batch.clone()  # with too few buffers the producer may overwrite it even before this
-                with normalize.changed:  # the queue full behind this batch and one more written
-                    assert normalize.changed.wait_for(
-                        lambda: normalize.written >= min(i + QUEUE_BATCHES + 2, n_batches), timeout=30)
-                expected = BatchNormalizer(mean, std)(tiles[2 * i:2 * i + 2])
+                with stack.changed:  # the queue full behind this batch and one more written
+                    assert stack.changed.wait_for(
+                        lambda: stack.written >= min(i + QUEUE_BATCHES + 2, n_batches), timeout=30)
+                expected = stack_tiles(tiles[2 * i:2 * i + 2])
                 intact.append(torch.equal(given, expected) and torch.equal(batch, expected))
     assert len(intact) == n_batches
     assert all(intact) == (spare_buffers == 2)

@@ -86,6 +86,26 @@ def test_a_batch_runs_as_parallel_streams_and_equals_image_by_image(backend: str
     torch.testing.assert_close(batch, one_by_one, rtol=0, atol=1e-5)
 
 
+@pytest.mark.parametrize("backend", ["torch", "onnxruntime", "openvino"])
+def test_a_pixel_runner_normalises_uint8_tiles_as_the_eager_model_sees_them(backend: str, tiny: nn.Module,
+                                                                           cache_dir: Path) -> None:
+    """Built with ``normalize``, a runner takes uint8 pixels and computes the eager model on the
+    normalised floats (the normalisation is in its graph), and refuses floats; the float runner
+    refuses pixels (they would be silently unnormalised)."""
+    mean, std = (0.7, 0.5, 0.6), (0.2, 0.25, 0.15)
+    pixels = torch.randint(0, 256, (5, 3, IMG, IMG), dtype=torch.uint8, generator=torch.Generator().manual_seed(2))
+    floats = (pixels.float() / 255 - torch.tensor(mean).view(1, 3, 1, 1)) / torch.tensor(std).view(1, 3, 1, 1)
+    with torch.inference_mode():
+        expected = tiny(floats)
+    runner = optimize_for_inference(tiny, backend=backend, precision=FP32, cache_dir=cache_dir, normalize=(mean, std))
+    assert runner.pixels
+    torch.testing.assert_close(runner(pixels), expected, rtol=0, atol=ATOL)
+    with pytest.raises(ValueError, match="takes uint8 pixels"):
+        runner(floats)
+    with pytest.raises(ValueError, match="takes normalised float images"):
+        optimize_for_inference(tiny, backend=backend, precision=FP32, cache_dir=cache_dir)(pixels)
+
+
 def test_runner_names_the_size_it_takes(tiny: nn.Module) -> None:
     runner = optimize_for_inference(tiny, backend="torch")
     with pytest.raises(ValueError, match=f"3, {IMG}, {IMG}"):
@@ -178,7 +198,8 @@ def test_second_runner_reuses_the_cached_graph(tiny: nn.Module, images: torch.Te
     second = optimize_for_inference(tiny, backend="onnxruntime", cache_dir=cache_dir)
     assert exports == []
     assert sorted(cache_dir.iterdir()) == graphs  # no second file, no temporary left
-    [name] = [p.name for p in graphs if "onnxruntime" in p.name]  # one graph per runtime
+    # one graph per runtime (a PixelInput wrapper of the same model is another graph, another name)
+    [name] = [p.name for p in graphs if "onnxruntime" in p.name and p.name.startswith(f"{type(tiny).__name__}-")]
     # the key: weights, input size, exporter and runtime versions
     assert all(part in name for part in (export.weights_hash(tiny), f"-{IMG}x{IMG}-", "-torch2.", "-onnxruntime1."))
     torch.testing.assert_close(second(images), first(images), rtol=0, atol=0)
