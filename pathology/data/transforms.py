@@ -25,8 +25,8 @@ from torchvision.transforms import v2
 
 from pathology.stain import StainNormalizer, StainReference
 
-__all__ = ["hed_jitter", "HEDJitter", "PolicyAugment", "StainNormalize", "AugmentConfig", "collate_tiles", "stack_tiles",
-           "eval_transform", "resize_transform", "train_transform"]
+__all__ = ["hed_jitter", "HEDJitter", "PolicyAugment", "StainNormalize", "AugmentConfig", "collate_tiles",
+           "stack_tiles", "eval_transform", "resize_transform", "train_transform"]
 
 MIN_TRANSMITTANCE = 1e-6  # floor before the log, so pure black has a finite optical density
 MAX_PIXEL = 255.0

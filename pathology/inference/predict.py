@@ -71,8 +71,8 @@ class RunOptions:
         devices: number of devices (or ``auto``); more than one predicts with DDP.
         strategy: Lightning strategy, e.g. ``ddp``; ``auto`` picks one.
         precision: ``auto`` (bf16 where the device has bf16 units: GPUs, CPUs with AMX or
-            AVX512-BF16; else fp32), ``32-true`` (the eager function), ``bf16-mixed``, ``16-mixed`` (GPUs); see
-            :func:`~pathology.models.runtime.choose_backend`.
+            AVX512-BF16; else fp32), ``32-true`` (the eager function), ``bf16-mixed``,
+            ``16-mixed`` (GPUs); see :func:`~pathology.models.runtime.choose_backend`.
         num_nodes: machines taking part.
         progress_bar: show the progress bar (over slides, or over batches of tile images).
         backend: what runs the model: ``auto`` (the fastest installed for the device), ``torch``,
@@ -149,8 +149,8 @@ def add_backend_option(parser: argparse.ArgumentParser | argparse._ArgumentGroup
 def add_precision_option(parser: argparse.ArgumentParser | argparse._ArgumentGroup) -> None:
     """``--precision``, shared by ``pathology infer``, ``predict-tiles`` and ``cv``."""
     parser.add_argument("--precision", choices=PRECISIONS, default=RunOptions.precision,
-                        help="auto: bf16-mixed where the hardware has bf16 units (GPUs, CPUs with AMX or AVX512-BF16; "
-                             "probabilities within ~1e-2 of fp32), else 32-true (the exact function)")
+                        help="auto: bf16-mixed where the hardware has bf16 units (GPUs, CPUs with AMX or "
+                             "AVX512-BF16; probabilities within ~1e-2 of fp32), else 32-true (the exact function)")
 
 
 def add_tta_option(parser: argparse.ArgumentParser | argparse._ArgumentGroup) -> None:
@@ -181,8 +181,8 @@ def make_predictor(model: nn.Module, fabric: Fabric, normalize: Normalization, e
 
     Args:
         model: the classifier (left unchanged).
-        normalize: its ``(mean, std)`` (the spec's), applied inside the runner's graph.
         fabric: from :func:`start_devices`.
+        normalize: its ``(mean, std)`` (the spec's), applied inside the runner's graph.
         embeddings: also return the pooled features.
         backend: see :attr:`RunOptions.backend`.
         cache_dir: where an exported graph is kept (the checkpoint's folder); None, or a folder

@@ -2,7 +2,8 @@
 for a checkpoint, :mod:`pathology.export`).
 
 The graph takes ``images`` ``(batch, 3, H, W)`` float32 (normalised as the spec says), or uint8
-pixels for a :class:`PixelInput` model (which normalises them itself), with a dynamic batch, and returns ``logits`` ``(batch, classes)`` and ``embeddings`` ``(batch, D)``
+pixels for a :class:`PixelInput` model (which normalises them itself), with a dynamic batch, and
+returns ``logits`` ``(batch, classes)`` and ``embeddings`` ``(batch, D)``
 (``forward_head(pre_logits=True)``), so inference gets both from one run. The model is exported
 unfused: ONNX Runtime and OpenVINO fold BatchNorm themselves, and they ran our unfused graph
 faster than the torch-fused one (the lerp and SDPA forms suit oneDNN, not their fusers).
