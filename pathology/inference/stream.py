@@ -3,8 +3,8 @@
 A thread walks the slides in order: it finds or makes each slide's tile store at the model's
 resolution, then reads its tiles batch by batch as uint8 (in DataLoader worker processes, or in
 the thread itself with none; the model's runner normalises them) into a bounded queue. The main
-thread takes each slide and its batches from the queue and predicts them. The producer starts a slide only once the
-consumer has taken the one before, and the queue holds at most :data:`QUEUE_BATCHES` batches, so
+thread takes each slide and its batches from the queue and predicts them. The producer starts a
+slide only once the consumer has taken the one before, and the queue holds at most :data:`QUEUE_BATCHES` batches, so
 the producer is at most one slide (and a few batches) ahead: tiling and reading overlap
 prediction, and memory stays one slide's worth whatever the cohort size.
 """

@@ -57,9 +57,9 @@ class PixelInput(nn.Module):
     """A classifier that takes raw ``(B, 3, H, W)`` uint8 pixels and normalises them itself.
 
     Why: normalising a tile on the CPU (a float copy, then a subtraction and a multiplication over
-    it) cost the reader of ``pathology infer`` 0.17-0.5 ms per 224 px tile, up to as much as decoding its JPEG,
-    on the same cores as the model; inside the model's graph the runtime does it with the first
-    layer, and the batch it is handed is 4x smaller (also over PCIe to a GPU).
+    it) cost the reader of ``pathology infer`` 0.17-0.5 ms per 224 px tile, up to as much as
+    decoding its JPEG, on the same cores as the model; inside the model's graph the runtime does it
+    with the first layer, and the batch it is handed is 4x smaller (also over PCIe to a GPU).
 
     Args:
         model: a timm-style classifier (``forward_features`` / ``forward_head``).

@@ -12,9 +12,9 @@
 Precision (Lightning's names): ``32-true`` computes the eager function (to 1e-4); ``bf16-mixed``
 runs the matrix products in bfloat16, which hardware with bf16 units (CUDA GPUs; CPUs with
 Intel AMX or AVX512-BF16) runs two to several times faster, at ~1e-2 in the probabilities;
-``16-mixed`` is fp16 on GPUs. ``"auto"`` takes reduced precision where the hardware has such units and fp32
-elsewhere, and the backend: torch on a GPU; on the CPU the first installed runtime of
-:data:`CPU_PREFERENCE` for that precision. ONNX graphs are exported once and cached (see
+``16-mixed`` is fp16 on GPUs. ``"auto"`` takes reduced precision where the hardware has such
+units and fp32 elsewhere, and the backend: torch on a GPU; on the CPU the first installed runtime
+of :data:`CPU_PREFERENCE` for that precision. ONNX graphs are exported once and cached (see
 :func:`~pathology.models.export.cached_onnx`), so a cohort pays the export once.
 """
 from __future__ import annotations
@@ -40,9 +40,8 @@ from pathology.models.export import (
 from pathology.models.optimize import fuse_for_inference
 
 __all__ = ["BACKENDS", "BF16", "CPU_PREFERENCE", "FP16", "FP32", "PRECISIONS", "BackendUnavailable", "InferenceRunner",
-           "Normalization",
-           "UnsupportedRun", "choose_backend", "has_bf16_hardware", "has_bf16_matrix_units", "optimize_for_inference",
-           "runner_label"]
+           "Normalization", "UnsupportedRun", "choose_backend", "has_bf16_hardware", "has_bf16_matrix_units",
+           "optimize_for_inference", "runner_label"]
 
 BACKENDS = ("torch", "onnxruntime", "openvino")
 PRECISIONS = ("auto", "32-true", "bf16-mixed", "16-mixed")
@@ -124,14 +123,13 @@ class TorchRunner(InferenceRunner):
     backend = "torch"
 
     def __init__(self, model: nn.Module, img_size: tuple[int, int], *, precision: str, compile_model: bool,
-                 normalize: Normalization | None = None) -> None:
+                 pixels: bool) -> None:
         self.device = _device(model)
-        self.img_size, self.precision, self.pixels = img_size, precision, normalize is not None
+        self.img_size, self.precision, self.pixels = img_size, precision, pixels
         if precision == BF16 and self.device.type == "cuda" and not torch.cuda.is_bf16_supported():
             self.precision = FP16  # a GPU without bf16 (where Lightning's bf16-mixed would fail)
         self.autocast_dtype = {BF16: torch.bfloat16, FP16: torch.float16}.get(self.precision)
-        fused = fuse_for_inference(model)
-        module = LogitsAndEmbeddings(fused if normalize is None else PixelInput(fused, *normalize)).eval()
+        module = LogitsAndEmbeddings(fuse_for_inference(model)).eval()
         self.module = torch.compile(module) if compile_model else module
 
     def _run(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -362,12 +360,13 @@ def optimize_for_inference(model: nn.Module, *, backend: str = "auto", precision
     device = _device(model)
     chosen, precision = choose_backend(backend, device, precision)
     size = img_size or model_input_size(model)
+    pixels = normalize is not None
+    model = PixelInput(model, *normalize) if pixels else model  # the one place the normalisation joins the model
     if chosen == "torch":
-        return TorchRunner(model, size, precision=precision, compile_model=compile_model, normalize=normalize)
+        return TorchRunner(model, size, precision=precision, compile_model=compile_model, pixels=pixels)
     runtime = _import(chosen)
-    graph = model if normalize is None else PixelInput(model, *normalize)
-    path = cached_onnx(graph, size, cache_dir, runtime=f"{chosen}{runtime.__version__.split('-')[0]}")
+    path = cached_onnx(model, size, cache_dir, runtime=f"{chosen}{runtime.__version__.split('-')[0]}")
     threads = threads or torch.get_num_threads()
     if chosen == "onnxruntime":
-        return OnnxRuntimeRunner(path, size, threads, normalize is not None)
-    return OpenVinoRunner(path, size, threads, precision, normalize is not None)
+        return OnnxRuntimeRunner(path, size, threads, pixels)
+    return OpenVinoRunner(path, size, threads, precision, pixels)
