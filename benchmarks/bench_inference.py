@@ -9,7 +9,10 @@
    runs counts (the run least disturbed by other jobs on a shared machine). Goal: ratio ≥ 0.9,
    i.e. tiling and reading hidden behind the model. The runtime's graph export, which a cohort
    pays once per checkpoint (it is cached next to it), is done and timed before, not inside,
-   the measured runs.
+   the measured runs. ``--threads`` runs the model on fewer CPU threads than the machine has, so
+   the reader has cores of its own, as on a machine where the model is the bottleneck: on the
+   2-core VM, ``--threads 1`` measures that case, the default the case where reader and model
+   share every core.
 2. **Memory.** Peak RSS of ``pathology infer --embeddings`` on ``--rss-slides`` cohorts (default
    5 and 40 slides), each in a fresh process (``os.wait4``'s ``ru_maxrss``). Streaming holds one
    slide's worth, so the goal is large/small ≤ 1.2.
@@ -19,7 +22,7 @@ pyramid 1/4/16) listed under as many slide ids as the cohort needs (a CSV), so g
 stays cheap; every slide id is tiled and predicted on its own.
 
 Usage: python benchmarks/bench_inference.py [--slides 20] [--rss-slides 5,40] [--model efficientformer_l1]
-       [--img-size 224] [--batch-size 64] [--workers N] [--repeats 2] [--quick]
+       [--img-size 224] [--batch-size 64] [--workers N] [--threads N] [--repeats 2] [--quick]
 """
 from __future__ import annotations
 
@@ -115,6 +118,8 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument("--img-size", type=int, default=224, help="model input and tile edge (px)")
     parser.add_argument("--batch-size", type=int, default=64)
     parser.add_argument("--workers", type=int, default=DEFAULT_WORKERS, help="DataLoader reader processes")
+    parser.add_argument("--threads", type=int, help="CPU threads the model runs on (default: all of torch's); "
+                                                     "fewer leave the reader cores of its own")
     parser.add_argument("--repeats", type=int, default=2, help="alternating runs per side; the best counts")
     parser.add_argument("--quick", action="store_true", help="tiny settings, to check the script runs")
     return parser
@@ -124,6 +129,8 @@ def main() -> None:
     args = _parser().parse_args()
     if args.quick:
         vars(args).update(QUICK)
+    if args.threads:
+        torch.set_num_threads(args.threads)  # the runtimes take torch's thread count
     options = RunOptions(batch_size=args.batch_size, num_workers=args.workers, progress_bar=False)
     spec = ModelSpec(args.model, {32: 1}, ("a", "b"), args.img_size, args.img_size, Resolution(MODEL_MPP, "mpp"))
     model = create_model(args.model, mhsa_blocks=spec.mhsa_blocks, num_classes=2, img_size=args.img_size).eval()

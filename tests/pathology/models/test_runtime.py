@@ -80,8 +80,11 @@ def test_a_batch_runs_as_parallel_streams_and_equals_image_by_image(backend: str
     split: list[list[int]] = []
     real = runner._run_parts
     monkeypatch.setattr(runner, "_run_parts", lambda parts: split.append([len(p) for p in parts]) or real(parts))
+    whole = "request" if backend == "openvino" else "session"
     batch = runner(images)
+    assert whole not in vars(runner)  # the all-threads form is made on the first single image, not before
     one_by_one = torch.cat([runner(images[i:i + 1]) for i in range(len(images))])  # single images: all threads
+    assert whole in vars(runner)
     assert split == [[3, 2]]
     torch.testing.assert_close(batch, one_by_one, rtol=0, atol=1e-5)
 
