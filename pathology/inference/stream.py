@@ -25,7 +25,7 @@ import torch
 from pathology.checkpoint import ModelSpec
 from pathology.data import TileDataError, TileDataset
 from pathology.inference.match import resolution_for_slide, store_matches
-from pathology.inference.predict import batches, tile_dataset
+from pathology.inference.predict import BatchRing, batches, tile_dataset
 from pathology.inference.results import STATUS_ERROR, STATUS_NO_TISSUE, STATUS_OK
 from wsi_tiling import (
     Resolution,
@@ -172,6 +172,7 @@ class SlideStream:
         self._jobs, self._tile, self._dataset = list(jobs), tile, dataset
         self._batch_size, self._num_workers = batch_size, num_workers
         self._queue: queue.Queue = queue.Queue(maxsize=QUEUE_BATCHES)
+        self._ring = BatchRing(BATCH_BUFFERS)  # one for the whole cohort: a slide may be a single batch
         self._stop = threading.Event()
         self._may_start = threading.Semaphore(1)  # released when the consumer takes a slide
         self._thread = threading.Thread(target=self._produce, name="slide-producer", daemon=True)
@@ -217,7 +218,7 @@ class SlideStream:
     def _put_batches(self, slide: TiledSlide) -> bool:
         """Queues the slide's batches, then its end marker; False when the consumer has stopped."""
         try:
-            for images in batches(self._dataset(slide), self._batch_size, self._num_workers, BATCH_BUFFERS):
+            for images in batches(self._dataset(slide), self._batch_size, self._num_workers, self._ring):
                 if not self._put(images):
                     return False
         except (WsiTilingError, TileDataError) as error:

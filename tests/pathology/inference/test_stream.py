@@ -17,7 +17,14 @@ from pathology.inference import infer
 from pathology.inference.infer import infer_slides
 from pathology.inference.predict import Predictor, RunOptions
 from pathology.inference.results import STATUS_OK
-from pathology.inference.stream import QUEUE_BATCHES, SlideStream, TiledSlide, slide_dataset, tile_for_model
+from pathology.inference.stream import (
+    BATCH_BUFFERS,
+    QUEUE_BATCHES,
+    SlideStream,
+    TiledSlide,
+    slide_dataset,
+    tile_for_model,
+)
 from pathology.stain import StainNormalizer, fit_stain_reference
 from tests.pathology.inference.conftest import BOX_PX, PINK, SLIDE_MPP, tissue_image
 from wsi_tiling.inputs import SlideJob
@@ -96,6 +103,30 @@ def test_a_batch_is_intact_until_the_next_is_taken(spare_buffers: int, monkeypat
                 intact.append(torch.equal(given, expected) and torch.equal(batch, expected))
     assert len(intact) == n_batches
     assert all(intact) == (spare_buffers == 2)
+
+
+def test_slides_of_one_batch_reuse_the_same_tensors_and_a_held_batch_stays_intact(monkeypatch) -> None:
+    """The ring of batch tensors is the cohort's, not the slide's: slide after slide is written into
+    the same :data:`BATCH_BUFFERS` tensors (no fresh pages per slide), and the next slide's batch,
+    written while the consumer still holds this one, goes into another tensor (a ring restarted
+    per slide would write it over the held one)."""
+    rng = np.random.default_rng(0)
+    n_slides = 2 * BATCH_BUFFERS
+    tiles = {f"s{i}": [rng.integers(0, 256, (8, 8, 3), dtype=np.uint8) for _ in range(2)] for i in range(n_slides)}
+    stack = _CountingStack()
+    monkeypatch.setattr("pathology.inference.predict.stack_tiles", stack)
+    jobs = [SlideJob(Path(f"{slide_id}.svs"), slide_id) for slide_id in tiles]
+    intact, tensors = [], set()
+    with SlideStream(jobs, lambda j: TiledSlide(j, STATUS_OK, n_tiles=2),
+                     lambda slide: [(t, -1) for t in tiles[slide.job.slide_id]], batch_size=2, num_workers=0) as stream:
+        for i, (slide, images) in enumerate(stream):
+            batch = next(images)
+            with stack.changed:  # the next slide's batch written while this one is held
+                assert stack.changed.wait_for(lambda: stack.written >= min(i + 2, n_slides), timeout=30)
+            intact.append(torch.equal(batch, stack_tiles(tiles[slide.job.slide_id])))
+            tensors.add(batch.data_ptr())
+    assert len(intact) == n_slides and all(intact)
+    assert len(tensors) == BATCH_BUFFERS
 
 
 def test_a_slides_tiles_are_stain_normalised_as_the_spec_says(two_class_set, tmp_path) -> None:
